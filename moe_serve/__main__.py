@@ -1,0 +1,5 @@
+"""`python -m moe_serve` is the `moe-serve` command."""
+
+from moe_serve.cli import main
+
+raise SystemExit(main())

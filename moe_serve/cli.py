@@ -1,0 +1,90 @@
+"""The `moe-serve` command: parse arguments, load the config, call the right `serve`.
+
+Exit codes: 0 ok; 2 bad config or arguments (the message names the field); 1 other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from moe_serve.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-serve", description="Serve MoE layers across machines.")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run one expert worker of the world config")
+    w.add_argument("--config", required=True, type=Path, help="world config YAML")
+    w.add_argument("--worker-id", required=True, help="id of this worker in the config")
+    m = sub.add_parser("master", help="run the master (gates, fan-out, combine)")
+    m.add_argument("--config", required=True, type=Path, help="world config YAML")
+    u = sub.add_parser("up", help="run the master and every worker as local child processes")
+    u.add_argument("--config", required=True, type=Path, help="world config YAML")
+    d = sub.add_parser("demo", help="synthetic model, master + 2 workers, parity and latency")
+    d.add_argument(
+        "--devices",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the workers put their experts (default: cpu)",
+    )
+    d.add_argument("--requests", type=int, default=200, help="latency samples (default: 200)")
+    return p
+
+
+def _up(config: Path) -> int:
+    from moe_serve.config import load_config
+    from moe_serve.launcher import ClusterError, LocalCluster
+
+    cluster = LocalCluster(config, load_config(config))
+    # SIGTERM behaves like Ctrl-C: stop every child, exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        cluster.start()
+        print(
+            f"moe-serve: ready; connect to the master at {cluster.master_address} "
+            "(Ctrl-C stops everything)",
+            flush=True,
+        )
+        name = cluster.wait()
+        print(f"moe-serve: {name} exited unexpectedly; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moe-serve: stopping", flush=True)
+        return 0
+    except ClusterError as exc:
+        print(f"moe-serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "worker":
+            from moe_serve.config import load_config
+            from moe_serve.worker.server import main as worker_main
+
+            worker_main(load_config(args.config), args.worker_id)
+        elif args.command == "master":
+            from moe_serve.config import load_config
+            from moe_serve.master.server import main as master_main
+
+            master_main(load_config(args.config))
+        elif args.command == "up":
+            return _up(args.config)
+        elif args.command == "demo":
+            from moe_serve.demo import run
+
+            return run(args.devices, args.requests)
+    except ConfigError as exc:
+        print(f"moe-serve {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,69 @@
+"""Group routed (token, expert) pairs by owning worker, and combine the partial sums.
+
+Each worker receives every token it needs exactly once, with the list of its
+experts that token was routed to; network bytes per token scale with the
+number of distinct workers hit, never with k.
+Legend: T tokens, K top_k, H hidden, W workers, P_w pairs and N_w tokens of worker w.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_serve.gating import Routing
+
+
+@dataclass(frozen=True)
+class WorkerSlice:
+    """The part of a request one worker computes."""
+
+    worker: int  # index into the placement's worker list
+    token_index: torch.Tensor  # [N_w] int64 rows of the request, ascending
+    pair_token: torch.Tensor  # [P_w] int32 rows of token_index
+    pair_expert: torch.Tensor  # [P_w] int32 global expert ids
+    pair_weight: torch.Tensor  # [P_w] float32
+
+
+def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[WorkerSlice]:
+    """Split the kept pairs of `routing` by the worker owning each expert (owner: [E])."""
+    t, k = routing.kept.nonzero(as_tuple=True)  # [P] kept pairs, token-major
+    expert = routing.expert_ids[t, k]
+    worker = owner.to(expert.device)[expert]  # [P]
+    order = torch.argsort(worker, stable=True)  # grouped by worker, token order kept
+    t, expert, worker = t[order], expert[order], worker[order]
+    weight = routing.weights[t, k[order]]
+    # Host sync: the per-worker pair counts decide how many messages go out and their sizes.
+    counts = torch.bincount(worker, minlength=num_workers).tolist()
+    slices, start = [], 0
+    for w, n in enumerate(counts):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        tokens, pair_token = torch.unique_consecutive(t[sl], return_inverse=True)
+        slices.append(
+            WorkerSlice(
+                worker=w,
+                token_index=tokens,
+                pair_token=pair_token.to(torch.int32),
+                pair_expert=expert[sl].to(torch.int32),
+                pair_weight=weight[sl].float(),
+            )
+        )
+        start += n
+    return slices
+
+
+def combine(
+    tokens: int,
+    hidden: int,
+    slices: list[WorkerSlice],
+    partials: list[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """Sum each worker's partial sums [N_w, H] into the request's rows -> [T, H] float32."""
+    out = torch.zeros((tokens, hidden), dtype=torch.float32, device=device)
+    for sl, part in zip(slices, partials, strict=True):
+        out.index_add_(0, sl.token_index.to(device), part.to(device, torch.float32))
+    return out

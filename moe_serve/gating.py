@@ -1,0 +1,107 @@
+"""Gate maths: scores, top-k, renormalisation, per-expert capacity, auxiliary losses.
+
+Pure tensor code on whatever device the router lives on; no per-token Python.
+Legend: T tokens, H hidden size, E experts, K experts per token (top_k).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moe_serve.config import RoutingConfig
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the gate decided for a batch of tokens."""
+
+    expert_ids: torch.Tensor  # [T, K] int64, best first
+    weights: torch.Tensor  # [T, K] float32, 0 for dropped pairs
+    scores: torch.Tensor  # [T, E] float32, after softmax/sigmoid
+    kept: torch.Tensor  # [T, K] bool, False for pairs over capacity
+    dropped_pairs: torch.Tensor  # [] int64
+    load_balance_loss: torch.Tensor  # [] float32
+    importance_loss: torch.Tensor  # [] float32
+
+
+def gate_scores(x: torch.Tensor, router: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Router scores [T, E] in float32: softmax or sigmoid of x @ router.T."""
+    logits = F.linear(x.float(), router.float())  # [T, E]
+    return torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
+
+
+def select_top_k(
+    scores: torch.Tensor, k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids [T, K] and their weights [T, K], optionally renormalised to sum 1."""
+    weights, ids = torch.topk(scores, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def expert_capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
+    """Per-expert capacity for one request: ceil(cf * T * K / E)."""
+    return math.ceil(capacity_factor * tokens * k / num_experts)
+
+
+def capacity_mask(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """Keep mask [T, K]: each expert keeps its first `capacity` pairs.
+
+    Priority is choice-major, as in Switch/GShard: every token's first choice
+    is placed before any second choice; within a choice, earlier tokens first.
+    """
+    T, K = ids.shape
+    flat = ids.t().reshape(-1)  # [K*T], choice-major
+    order = torch.sort(flat, stable=True).indices  # pairs grouped by expert, priority kept
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts  # [E] first slot of each expert's group
+    rank_sorted = torch.arange(flat.numel(), device=ids.device) - starts[flat[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted  # position of each pair within its expert's queue
+    return (rank < capacity).view(K, T).t()
+
+
+def load_balance_loss(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Switch-style loss E * sum_i f_i * P_i; 1.0 when routing is perfectly uniform.
+
+    f_i: fraction of the T*K selected pairs that go to expert i (before capacity).
+    P_i: mean score of expert i over the T tokens.
+    """
+    E = scores.shape[1]
+    f = torch.bincount(ids.reshape(-1), minlength=E).float() / ids.numel()
+    p = scores.mean(dim=0)
+    return E * torch.sum(f * p)
+
+
+def importance_loss(scores: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation of per-expert importance (sum of scores over tokens)."""
+    importance = scores.sum(dim=0)  # [E]
+    return importance.var(unbiased=False) / importance.mean().square()
+
+
+def route(x: torch.Tensor, router: torch.Tensor, k: int, cfg: RoutingConfig) -> Routing:
+    """Gate a batch: x [T, H], router [E, H] -> Routing."""
+    E = router.shape[0]
+    scores = gate_scores(x, router, cfg.scoring)  # [T, E]
+    ids, weights = select_top_k(scores, k, cfg.normalize_topk)  # [T, K]
+    if cfg.capacity_factor is None:
+        kept = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        kept = capacity_mask(ids, E, expert_capacity(cfg.capacity_factor, x.shape[0], k, E))
+        weights = weights * kept  # dropped pairs contribute zero; the residual carries the token
+    zero = scores.new_zeros(())
+    empty = x.shape[0] == 0
+    return Routing(
+        expert_ids=ids,
+        weights=weights,
+        scores=scores,
+        kept=kept,
+        dropped_pairs=(~kept).sum(),
+        load_balance_loss=zero if empty else load_balance_loss(scores, ids),
+        importance_loss=zero if empty else importance_loss(scores),
+    )

@@ -1,0 +1,48 @@
+"""The master process: gates on master.device, serves MoEMaster + health + reflection + metrics."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moe_serve.config import WorldConfig, check_devices_exist
+from moe_serve.master.service import MasterService
+from moe_serve.master.workers import WorkerPool
+from moe_serve.metrics import MasterMetrics, start_exporter
+from moe_serve.rpc import run, serve_service, set_serving, wait_for_signal
+
+log = logging.getLogger("moe_serve.master")
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+async def serve(cfg: WorldConfig) -> None:
+    """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop."""
+    torch.set_grad_enabled(False)
+    metrics = MasterMetrics()
+    pool = WorkerPool(cfg, metrics)
+    service = MasterService(cfg, pool, metrics)
+    server, health, port = await serve_service(
+        "MoEMaster", service, cfg.master.listen, cfg.master.max_message_bytes, serving=False
+    )
+    # Ready (SERVING) while every worker answers its health check.
+    pool.start_watch(lambda all_up: set_serving(health, "moe_serve.v1.MoEMaster", all_up))
+    start_exporter(cfg.master.metrics_port, metrics.registry)
+    log.info(
+        "master: serving layers %s on port %d (metrics: %s)",
+        list(cfg.model.moe_layers),
+        port,
+        cfg.master.metrics_port,
+    )
+    await wait_for_signal()
+    log.info("master: stopping")
+    await health.enter_graceful_shutdown()
+    await server.stop(SHUTDOWN_GRACE_S)
+    await pool.close()
+
+
+def main(cfg: WorldConfig) -> None:
+    """Entry point of `moe-serve master`."""
+    check_devices_exist((cfg.master.device,), "master.device")
+    run(serve(cfg))

@@ -1,0 +1,151 @@
+"""The MoEMaster gRPC servicer: decode -> gate -> dispatch -> workers -> combine -> encode.
+
+Legend: T tokens, H hidden size, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import torch
+
+from moe_serve.config import WorldConfig
+from moe_serve.dispatch import combine, dispatch
+from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
+from moe_serve.gating import Routing, route
+from moe_serve.master.workers import WorkerPool
+from moe_serve.metrics import MasterMetrics
+from moe_serve.placement import Placement
+from moe_serve.rpc import error_boundary
+from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.v1 import moe_pb2_grpc as pb_grpc
+from moe_serve.weights import synthetic_router
+from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, tensor_from_pb, tensor_to_pb
+
+
+class MasterService(pb_grpc.MoEMasterServicer):
+    """Holds every MoE layer's router on `master.device` and serves Infer and GetInfo."""
+
+    def __init__(self, cfg: WorldConfig, pool: WorkerPool, metrics: MasterMetrics) -> None:
+        self.cfg, self.pool, self.metrics = cfg, pool, metrics
+        self.device = torch.device(cfg.master.device)
+        self.dtype = DTYPE_NAMES[cfg.model.dtype]
+        self.routers = {
+            layer: synthetic_router(cfg.model, layer).to(self.device)
+            for layer in cfg.model.moe_layers
+        }
+        self.placement = Placement.from_config(cfg)
+
+    @error_boundary
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
+        start, code = time.perf_counter(), "INTERNAL"
+        try:
+            reply = await self._infer(request, context.time_remaining())
+            code = "OK"
+            return reply
+        except MoEError as exc:
+            code = exc.code.name
+            raise
+        finally:
+            self.metrics.requests.labels(str(request.layer), code).inc()
+            self.metrics.request_seconds.observe(time.perf_counter() - start)
+
+    async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> pb.InferResponse:
+        layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
+        r = route(x, self.routers[layer], self.cfg.model.top_k, self.cfg.routing)
+        slices = dispatch(r, self.placement.owner[layer], len(self.placement.worker_ids))
+        timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
+        results = await asyncio.gather(
+            *(self.pool.forward(layer, x, sl, timeout) for sl in slices), return_exceptions=True
+        )
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res
+        out = combine(x.shape[0], x.shape[1], slices, results, self.device)  # [T, H] float32
+        self._observe(layer, r)
+        reply = pb.InferResponse(output=tensor_to_pb(out.to(self.dtype)))
+        if request.return_routing:
+            reply.routing.CopyFrom(_routing_pb(r))
+        return reply
+
+    def _decode(self, request: pb.InferRequest) -> torch.Tensor:
+        layers = self.cfg.model.moe_layers
+        if request.layer not in self.routers:
+            raise InvalidRequestError(
+                "layer", f"{request.layer} is not a MoE layer; served: {list(layers)}"
+            )
+        x = tensor_from_pb(request.hidden, "hidden", dtypes=FLOAT_DTYPES, rank=2)
+        T, H = x.shape
+        if self.cfg.model.hidden_size != H:
+            raise InvalidRequestError(
+                "hidden.shape[1]", f"{H} != hidden_size={self.cfg.model.hidden_size}"
+            )
+        limit = self.cfg.master.max_request_tokens
+        if limit < T:
+            raise RequestTooLargeError(
+                f"hidden.shape[0]: {T} tokens exceed master.max_request_tokens={limit}"
+            )
+        x = x.to(self.device, self.dtype)
+        if not bool(torch.isfinite(x).all()):  # one host sync at the edge, before any fan-out
+            raise InvalidRequestError("hidden", "contains NaN or Inf")
+        return x
+
+    def _observe(self, layer: int, r: Routing) -> None:
+        m, label = self.metrics, str(layer)
+        m.tokens.labels(label).inc(r.expert_ids.shape[0])
+        m.request_tokens.observe(r.expert_ids.shape[0])
+        counts = torch.bincount(r.expert_ids[r.kept], minlength=self.cfg.model.num_experts)
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                m.expert_tokens.labels(label, str(e)).inc(n)
+        dropped = int(r.dropped_pairs)
+        if dropped:
+            m.dropped_pairs.labels(label).inc(dropped)
+
+    @error_boundary
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MasterInfo:
+        m, routing = self.cfg.model, self.cfg.routing
+        workers = [
+            pb.WorkerStatus(
+                id=w.id,
+                address=w.address,
+                healthy=self.pool.healthy[i],
+                devices=list(w.devices),
+                placement=[
+                    pb.LayerExperts(layer=la, experts=w.experts_on(la)) for la in m.moe_layers
+                ],
+            )
+            for i, w in enumerate(self.cfg.workers)
+        ]
+        return pb.MasterInfo(
+            hidden_size=m.hidden_size,
+            expert_ffn_size=m.expert_ffn_size,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            expert_kind=m.expert_kind,
+            activation=m.activation,
+            dtype=m.dtype,
+            layers=m.moe_layers,
+            workers=workers,
+            scoring=routing.scoring,
+            normalize_topk=routing.normalize_topk,
+            capacity_factor=routing.capacity_factor or 0.0,
+            max_request_tokens=self.cfg.master.max_request_tokens,
+        )
+
+
+def _routing_pb(r: Routing) -> pb.Routing:
+    return pb.Routing(
+        expert_ids=tensor_to_pb(r.expert_ids),
+        weights=tensor_to_pb(r.weights.float()),
+        scores=tensor_to_pb(r.scores),
+        dropped_pairs=int(r.dropped_pairs),
+        load_balance_loss=float(r.load_balance_loss),
+        importance_loss=float(r.importance_loss),
+    )

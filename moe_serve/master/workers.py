@@ -1,0 +1,133 @@
+"""The master's side of the workers: one channel each, health tracking, Forward calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moe_serve.config import WorldConfig
+from moe_serve.dispatch import WorkerSlice
+from moe_serve.errors import DeadlineError, MoEError, WorkerUnavailableError
+from moe_serve.metrics import MasterMetrics
+from moe_serve.rpc import message_options
+from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.v1 import moe_pb2_grpc as pb_grpc
+from moe_serve.wire import tensor_from_pb, tensor_to_pb
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # Reconnect to a (re)started worker within a second, not after gRPC's default 1-120 s backoff.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class WorkerPool:
+    """Channels to every worker of the config, created once, and their last known health."""
+
+    def __init__(self, cfg: WorldConfig, metrics: MasterMetrics) -> None:
+        self.workers = cfg.workers
+        self.metrics = metrics
+        options = message_options(cfg.master.max_message_bytes) + _CHANNEL_OPTIONS
+        self._channels = [
+            grpc.aio.insecure_channel(w.address, options=options) for w in cfg.workers
+        ]
+        self._stubs = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
+        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self.healthy = [False] * len(cfg.workers)
+        self._watch: asyncio.Task[None] | None = None
+        for w in cfg.workers:
+            metrics.worker_up.labels(w.id).set(0)
+
+    def _set_health(self, index: int, up: bool) -> None:
+        if self.healthy[index] != up:
+            log.info("worker %s is %s", self.workers[index].id, "up" if up else "down")
+        self.healthy[index] = up
+        self.metrics.worker_up.labels(self.workers[index].id).set(int(up))
+
+    async def forward(
+        self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
+    ) -> torch.Tensor:
+        """Send one worker its slice of a request; return its partial sums [N_w, H]."""
+        w = self.workers[sl.worker]
+        request = pb.ForwardRequest(
+            layer=layer,
+            hidden=tensor_to_pb(x[sl.token_index.to(x.device)]),
+            pair_token=tensor_to_pb(sl.pair_token),
+            pair_expert=tensor_to_pb(sl.pair_expert),
+            pair_weight=tensor_to_pb(sl.pair_weight),
+        )
+        start = time.perf_counter()
+        try:
+            reply = await self._stubs[sl.worker].Forward(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise self._call_error(sl, layer, exc) from None
+        finally:
+            self.metrics.worker_rpc_seconds.labels(w.id).observe(time.perf_counter() - start)
+        self._set_health(sl.worker, True)
+        out = tensor_from_pb(reply.output, f"workers[{w.id}].output", dtypes=frozenset({x.dtype}))
+        if tuple(out.shape) != (sl.token_index.shape[0], x.shape[1]):
+            raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
+        return out
+
+    def _call_error(self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError) -> MoEError:
+        w = self.workers[sl.worker]
+        experts = sorted(set(sl.pair_expert.tolist()))
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return DeadlineError(
+                f"deadline exceeded waiting for worker {w.id!r} ({w.address}), layer {layer} "
+                f"experts {experts}"
+            )
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            self._set_health(sl.worker, False)
+            return WorkerUnavailableError(
+                f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
+                f"({w.address}) is unavailable: {exc.details()}"
+            )
+        log.error("worker %s answered %s: %s", w.id, exc.code().name, exc.details())
+        return MoEError(f"worker {w.id!r} failed: {exc.code().name}: {exc.details()}")
+
+    async def probe(self) -> None:
+        """Health-check every worker once, concurrently."""
+
+        async def check(i: int) -> None:
+            try:
+                # wait_for_ready: a probe also (re)connects a channel that is backing off.
+                reply = await self._health[i].Check(
+                    health_pb2.HealthCheckRequest(), timeout=HEALTH_INTERVAL_S, wait_for_ready=True
+                )
+                self._set_health(i, reply.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError:
+                self._set_health(i, False)
+
+        await asyncio.gather(*(check(i) for i in range(len(self.workers))))
+
+    def start_watch(self, on_probe: Callable[[bool], Awaitable[None]]) -> None:
+        """Probe every HEALTH_INTERVAL_S in the background; tell `on_probe` if all are up."""
+
+        async def watch() -> None:
+            while True:
+                await self.probe()
+                await on_probe(all(self.healthy))
+                await asyncio.sleep(HEALTH_INTERVAL_S)
+
+        self._watch = asyncio.get_running_loop().create_task(watch())
+
+    async def close(self) -> None:
+        """Stop probing and close every channel."""
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self._channels))

@@ -1,0 +1,127 @@
+"""Every Prometheus metric of moe_serve, and the exporter that serves them.
+
+Each process owns one registry (no global state), so several servers can live
+in one test process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536)
+
+
+class MasterMetrics:
+    """Metrics of the master process."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "moe_serve_requests",
+            "Infer requests by layer and status code",
+            ["layer", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "moe_serve_request_seconds",
+            "Infer latency on the master",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_tokens = Histogram(
+            "moe_serve_request_tokens",
+            "Tokens per Infer request",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter("moe_serve_tokens", "Tokens served by layer", ["layer"], registry=r)
+        self.expert_tokens = Counter(
+            "moe_serve_expert_tokens",
+            "Token-expert pairs routed, by layer and expert",
+            ["layer", "expert"],
+            registry=r,
+        )
+        self.dropped_pairs = Counter(
+            "moe_serve_dropped_pairs",
+            "Token-expert pairs dropped by the capacity limit",
+            ["layer"],
+            registry=r,
+        )
+        self.worker_rpc_seconds = Histogram(
+            "moe_serve_worker_rpc_seconds",
+            "Forward call latency seen by the master",
+            ["worker"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.worker_up = Gauge(
+            "moe_serve_worker_up",
+            "1 if the worker answered its last health check or call",
+            ["worker"],
+            registry=r,
+        )
+
+
+class WorkerMetrics:
+    """Metrics of an expert worker process."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.batch_tokens = Histogram(
+            "moe_serve_worker_batch_tokens",
+            "Tokens per merged forward batch",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "moe_serve_worker_batch_requests",
+            "Forward calls merged into one batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "moe_serve_worker_queue_depth", "Forward calls waiting for the batcher", registry=r
+        )
+        self.forward_seconds = Histogram(
+            "moe_serve_worker_forward_seconds",
+            "Time of one batched expert forward",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.expert_tokens = Counter(
+            "moe_serve_worker_expert_tokens",
+            "Token-expert pairs computed, by layer and expert",
+            ["layer", "expert"],
+            registry=r,
+        )
+        self.forward_requests = Counter(
+            "moe_serve_worker_requests", "Forward calls by status code", ["code"], registry=r
+        )
+        self.gpu_memory_bytes = Gauge(
+            "moe_serve_gpu_memory_bytes",
+            "Memory allocated by torch on each device (CUDA); expert weight bytes on cpu",
+            ["device"],
+            registry=r,
+        )
+
+
+def start_exporter(port: int | None, registry: CollectorRegistry, host: str = "0.0.0.0") -> None:
+    """Serve /metrics on `port` in a background thread; None disables it."""
+    if port is not None:
+        start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,158 @@
+"""gRPC plumbing shared by the master and the workers.
+
+- `error_boundary`: domain exceptions -> status codes whose message names the field.
+- `serve_service`: a grpc.aio server with the service, health and reflection,
+  and a request decoder that answers unparsable bytes with INVALID_ARGUMENT
+  (grpcio's default answer would be INTERNAL).
+- `run`: the event loop (uvloop where available) with SIGTERM/SIGINT handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from moe_serve.errors import ConfigError, MoEError
+from moe_serve.v1 import moe_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """Stands in for a request whose bytes did not parse."""
+
+    type_name: str
+    error: str
+
+
+def error_boundary(
+    method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]],
+) -> Callable[[Any, Any, grpc.aio.ServicerContext], Coroutine[Any, Any, T]]:
+    """Wrap a servicer method: MoEError -> its status; anything else -> logged INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        if isinstance(request, MalformedMessage):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request: bytes are not a valid {request.type_name} ({request.error})",
+            )
+        try:
+            return await method(self, request, context)
+        except MoEError as exc:
+            code, message = exc.code, str(exc)
+        except Exception:
+            log.exception("unexpected error in %s", method.__qualname__)
+            code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+        await context.abort(code, message)
+        raise AssertionError("unreachable: abort raises")
+
+    return wrapper
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # any parse failure is the caller's fault, not ours
+            return MalformedMessage(message_type.DESCRIPTOR.full_name, type(exc).__name__)
+
+    return decode
+
+
+def _generic_handler(service_name: str, servicer: object) -> grpc.GenericRpcHandler:
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for m in service.methods:
+        request_type = getattr(pb, m.input_type.name)
+        response_type = getattr(pb, m.output_type.name)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=_lenient(request_type),
+            response_serializer=response_type.SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options: message size limits; gRPC compression stays off by default."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+async def serve_service(
+    service_name: str,
+    servicer: object,
+    listen: str,
+    max_message_bytes: int,
+    serving: bool = True,
+) -> tuple[grpc.aio.Server, HealthServicer, int]:
+    """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
+
+    Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
+    """
+    server = grpc.aio.server(options=message_options(max_message_bytes))
+    server.add_generic_rpc_handlers((_generic_handler(service_name, servicer),))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    full_name = pb.DESCRIPTOR.services_by_name[service_name].full_name
+    reflection.enable_server_reflection(
+        (
+            full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio raises when the address cannot be bound
+        raise ConfigError(f"listen: cannot bind {listen!r}: {exc}") from None
+    await server.start()
+    await set_serving(health, full_name, serving)
+    return server, health, port
+
+
+async def set_serving(health: HealthServicer, full_name: str, serving: bool) -> None:
+    """Set the overall and the per-service health status."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else (health_pb2.HealthCheckResponse.NOT_SERVING)
+    )
+    for name in ("", full_name):
+        await health.set(name, status)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop where it is installed, else on the default asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:  # uvloop does not exist on Windows
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -1,0 +1,138 @@
+"""Dynamic batching: Forward calls arriving within a short window become one forward pass.
+
+The first waiting call opens a window of `max_delay_us`; calls that arrive
+before it closes join the batch until `max_batch_tokens` is reached. Calls of
+different layers in one window run as one pass per layer. The forward runs on
+one dedicated thread, so the event loop keeps accepting calls meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_serve.config import BatchingConfig
+from moe_serve.metrics import WorkerMetrics
+from moe_serve.worker.engine import WorkerEngine
+
+
+@dataclass
+class _Call:
+    layer: int
+    hidden: torch.Tensor  # [N, H]
+    pair_token: torch.Tensor  # [P] int32
+    pair_expert: torch.Tensor  # [P] int32
+    pair_weight: torch.Tensor  # [P] float32
+    future: asyncio.Future[torch.Tensor] = field(repr=False)
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0]
+
+
+class DynamicBatcher:
+    """Merges concurrent calls into batched `WorkerEngine.forward` passes."""
+
+    def __init__(self, engine: WorkerEngine, cfg: BatchingConfig, metrics: WorkerMetrics) -> None:
+        self.engine, self.cfg, self.metrics = engine, cfg, metrics
+        self._queue: asyncio.Queue[_Call] = asyncio.Queue()
+        self._carry: _Call | None = None  # a call that did not fit in the previous batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Stop the loop; calls still queued are failed by cancellation."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def submit(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        pair_token: torch.Tensor,
+        pair_expert: torch.Tensor,
+        pair_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queue one validated call; resolve to its partial sums [N, H]."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Call(layer, hidden, pair_token, pair_expert, pair_weight, future))
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return await future
+
+    async def _collect(self) -> list[_Call]:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, tokens = [first], first.tokens
+        deadline = time.monotonic() + self.cfg.max_delay_us / 1e6
+        while tokens < self.cfg.max_batch_tokens:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0 or not self._queue.empty():
+                    call = self._queue.get_nowait()
+                else:
+                    call = await asyncio.wait_for(self._queue.get(), remaining)
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+            if tokens + call.tokens > self.cfg.max_batch_tokens:
+                self._carry = call
+                break
+            batch.append(call)
+            tokens += call.tokens
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return [c for c in batch if not c.future.done()]  # drop calls whose client gave up
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            for layer in sorted({c.layer for c in batch}):
+                calls = [c for c in batch if c.layer == layer]
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self._run, layer, calls)
+                except Exception as exc:  # handed to every caller of the batch
+                    for c in calls:
+                        if not c.future.done():
+                            c.future.set_exception(exc)
+                    continue
+                for c, out in zip(calls, outputs, strict=True):
+                    if not c.future.done():
+                        c.future.set_result(out)
+
+    def _run(self, layer: int, calls: list[_Call]) -> list[torch.Tensor]:
+        """Concatenate calls, one engine forward, split the output rows back per call."""
+        sizes = [c.tokens for c in calls]
+        offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
+        pair_counts = torch.tensor([c.pair_token.shape[0] for c in calls])
+        hidden = torch.cat([c.hidden for c in calls]) if len(calls) > 1 else calls[0].hidden
+        token = torch.cat([c.pair_token for c in calls]).long()
+        token += offsets.repeat_interleave(pair_counts)  # rows of the merged batch
+        expert = torch.cat([c.pair_expert for c in calls])
+        weight = torch.cat([c.pair_weight for c in calls])
+        start = time.perf_counter()
+        out = self.engine.forward(layer, hidden, token, expert, weight)
+        self._observe(layer, expert, sum(sizes), len(calls), time.perf_counter() - start)
+        return list(out.split(sizes))
+
+    def _observe(
+        self, layer: int, expert: torch.Tensor, tokens: int, calls: int, seconds: float
+    ) -> None:
+        m = self.metrics
+        m.batch_tokens.observe(tokens)
+        m.batch_requests.observe(calls)
+        m.forward_seconds.observe(seconds)
+        counts = torch.bincount(expert.long(), minlength=self.engine.model.num_experts).tolist()
+        for e, n in enumerate(counts):
+            if n:
+                m.expert_tokens.labels(str(layer), str(e)).inc(n)
+        for device, nbytes in self.engine.memory_bytes().items():
+            m.gpu_memory_bytes.labels(device).set(nbytes)

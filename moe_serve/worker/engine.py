@@ -1,0 +1,128 @@
+"""A worker's experts pinned on its devices, and the batched forward over them.
+
+The engine knows nothing about gating or the network: it receives tokens with
+(expert, weight) pairs and returns one weighted partial sum per token.
+Legend: N tokens, P (token, expert) pairs, H hidden size, E experts of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_serve.config import ModelConfig, WorkerConfig
+from moe_serve.errors import InvalidRequestError
+from moe_serve.experts import ExpertStack, grouped_forward
+from moe_serve.placement import device_assignment
+from moe_serve.weights import synthetic_expert
+from moe_serve.wire import DTYPE_NAMES
+
+
+class WorkerEngine:
+    """Experts of one worker for every MoE layer, stacked per device."""
+
+    def __init__(self, model: ModelConfig, worker: WorkerConfig) -> None:
+        self.model, self.worker = model, worker
+        self.dtype = DTYPE_NAMES[model.dtype]
+        self.devices = [torch.device(d) for d in worker.devices]
+        self.stacks: dict[int, list[ExpertStack | None]] = {}
+        self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
+        self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
+        for layer in model.moe_layers:
+            self._load_layer(layer)
+
+    def _load_layer(self, layer: int) -> None:
+        m = self.model
+        device_of = torch.full((m.num_experts,), -1, dtype=torch.int64)
+        slot_of = torch.zeros(m.num_experts, dtype=torch.int64)
+        stacks: list[ExpertStack | None] = []
+        for d, experts in enumerate(device_assignment(self.worker, layer)):
+            device_of[experts] = d
+            slot_of[experts] = torch.arange(len(experts))
+            weights = [synthetic_expert(m, layer, e) for e in experts]
+            stacks.append(
+                ExpertStack(m.expert_kind, m.activation, weights, self.devices[d], self.dtype)
+                if experts
+                else None
+            )
+        self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
+
+    def held(self, layer: int) -> tuple[int, ...]:
+        """Expert ids held on `layer`, ascending."""
+        return tuple((self.device_of[layer] >= 0).nonzero().flatten().tolist())
+
+    def validate(
+        self,
+        layer: int,
+        tokens: int,
+        pair_token: torch.Tensor,
+        pair_expert: torch.Tensor,
+        pair_weight: torch.Tensor,
+    ) -> None:
+        """Raise InvalidRequestError unless each pair names a row of the request and a held expert."""
+        P = pair_token.shape[0]
+        if pair_expert.shape[0] != P or pair_weight.shape[0] != P:
+            raise InvalidRequestError(
+                "pair_expert/pair_weight.shape",
+                f"lengths {pair_expert.shape[0]}/{pair_weight.shape[0]}; expected {P} "
+                "(one per pair_token)",
+            )
+        if P == 0:
+            return
+        # Edge checks on a small index tensor; each reads one scalar back to the host.
+        if bool(((pair_token < 0) | (pair_token >= tokens)).any()):
+            raise InvalidRequestError("pair_token", f"values must be in [0, {tokens})")
+        E = self.model.num_experts
+        if bool(((pair_expert < 0) | (pair_expert >= E)).any()):
+            raise InvalidRequestError("pair_expert", f"values must be in [0, {E})")
+        if bool((self.device_of[layer][pair_expert.long()] < 0).any()):
+            raise InvalidRequestError(
+                "pair_expert",
+                f"names an expert not held by worker {self.worker.id!r} on layer {layer}; "
+                f"held: {list(self.held(layer))}",
+            )
+        if not bool(torch.isfinite(pair_weight).all()):
+            raise InvalidRequestError("pair_weight", "contains NaN or Inf")
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        pair_token: torch.Tensor,
+        pair_expert: torch.Tensor,
+        pair_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """hidden [N, H], pairs [P] (validated) -> partial sums [N, H] in the model dtype on CPU."""
+        expert = pair_expert.long()
+        device_of, slot_of = self.device_of[layer][expert], self.slot_of[layer][expert]
+        token, weight = pair_token.long(), pair_weight.float()
+        out = torch.zeros(hidden.shape, dtype=torch.float32)
+        for d, stack in enumerate(self.stacks[layer]):
+            if stack is None:
+                continue
+            sel = (device_of == d).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            dev = stack.device
+            part = grouped_forward(
+                stack,
+                hidden.to(dev, self.dtype),
+                token[sel].to(dev),
+                slot_of[sel].to(dev),
+                weight[sel].to(dev),
+            )
+            out += part.cpu()  # partial sums meet on the host, where the reply is encoded
+        return out.to(self.dtype)
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Per device: torch's allocated bytes on CUDA, expert weight bytes on CPU."""
+        out: dict[str, int] = {}
+        for i, dev in enumerate(self.devices):
+            name = self.worker.devices[i]
+            if dev.type == "cuda":
+                out[name] = torch.cuda.memory_allocated(dev)
+            else:
+                out[name] = out.get(name, 0) + sum(
+                    s.nbytes() for stacks in self.stacks.values() if (s := stacks[i]) is not None
+                )
+        return out

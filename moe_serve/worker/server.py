@@ -1,0 +1,65 @@
+"""The worker process: pin experts, serve ExpertWorker + health + reflection + metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from moe_serve.config import WorldConfig, check_devices_exist
+from moe_serve.metrics import WorkerMetrics, start_exporter
+from moe_serve.rpc import run, serve_service, wait_for_signal
+from moe_serve.worker.batcher import DynamicBatcher
+from moe_serve.worker.engine import WorkerEngine
+from moe_serve.worker.service import WorkerService
+
+log = logging.getLogger("moe_serve.worker")
+
+SHUTDOWN_GRACE_S = 10.0
+
+
+def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
+    """Check this worker's devices exist here, then load and pin its experts."""
+    worker = cfg.worker(worker_id)
+    index = cfg.workers.index(worker)
+    check_devices_exist(worker.devices, f"workers[{index}].devices")
+    start = time.perf_counter()
+    engine = WorkerEngine(cfg.model, worker)
+    held = {layer: len(engine.held(layer)) for layer in cfg.model.moe_layers}
+    log.info(
+        "worker %s: loaded experts %s on %s in %.2fs",
+        worker.id,
+        held,
+        list(worker.devices),
+        time.perf_counter() - start,
+    )
+    return engine
+
+
+async def serve(cfg: WorldConfig, worker_id: str) -> None:
+    """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop."""
+    engine = build_engine(cfg, worker_id)
+    metrics = WorkerMetrics()
+    for device, nbytes in engine.memory_bytes().items():
+        metrics.gpu_memory_bytes.labels(device).set(nbytes)
+    batcher = DynamicBatcher(engine, cfg.batching, metrics)
+    batcher.start()
+    worker = engine.worker
+    server, health, port = await serve_service(
+        "ExpertWorker",
+        WorkerService(engine, batcher),
+        worker.listen_address,
+        cfg.master.max_message_bytes,
+    )
+    start_exporter(worker.metrics_port, metrics.registry)
+    log.info("worker %s: serving on port %d (metrics: %s)", worker.id, port, worker.metrics_port)
+    await wait_for_signal()
+    log.info("worker %s: stopping", worker.id)
+    await health.enter_graceful_shutdown()
+    await server.stop(SHUTDOWN_GRACE_S)
+    await batcher.stop()
+
+
+def main(cfg: WorldConfig, worker_id: str) -> None:
+    """Entry point of `moe-serve worker`."""
+    cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
+    run(serve(cfg, worker_id))
