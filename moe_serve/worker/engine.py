@@ -58,7 +58,7 @@ class WorkerEngine:
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
     ) -> None:
-        """Raise InvalidRequestError unless each pair names a row of the request and a held expert."""
+        """Raise InvalidRequestError unless each pair names a request row and a held expert."""
         P = pair_token.shape[0]
         if pair_expert.shape[0] != P or pair_weight.shape[0] != P:
             raise InvalidRequestError(
