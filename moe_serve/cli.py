@@ -9,10 +9,20 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from moe_serve.errors import ConfigError
+
+
+def _at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {value}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         default="cpu",
         help="where the workers put their experts (default: cpu)",
     )
-    d.add_argument("--requests", type=int, default=200, help="latency samples (default: 200)")
+    d.add_argument(
+        "--requests", type=_at_least(10), default=200, help="latency samples, >= 10 (default: 200)"
+    )
     return p
 
 

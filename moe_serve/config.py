@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -24,7 +25,7 @@ ExpertKind = Literal["mlp", "glu"]
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _ACTIVATION_ALIASES = {"swish": "silu"}
-_FIELD_PREFIX = re.compile(r"^[a-z_]+(\[\d+\])?: ")
+_FIELD_PREFIX = re.compile(r"^([a-z_]+)?(\[\d+\])*: ")
 
 
 class _Frozen(BaseModel):
@@ -91,11 +92,11 @@ class MasterConfig(_Frozen):
     """Where the master listens, where its gates run, and its request limits."""
 
     listen: str = "0.0.0.0:50051"
-    metrics_port: int | None = Field(9400, ge=0, lt=65536)
+    metrics_port: int | None = Field(9400, ge=1, lt=65536)
     device: str = "cpu"
     max_request_tokens: int = Field(65536, gt=0)
-    # gRPC message limit for requests and worker replies; sized for max_request_tokens.
-    max_message_bytes: int = Field(1 << 30, gt=0, le=(1 << 31) - 1)
+    # gRPC message limit for requests and worker replies (gRPC's maximum is 2 GiB - 1).
+    max_message_bytes: int = Field((1 << 31) - 1, gt=0, le=(1 << 31) - 1)
     # Bound on each worker call when the client sets no deadline.
     worker_timeout_s: float = Field(30.0, gt=0)
 
@@ -126,16 +127,24 @@ class WorkerConfig(_Frozen):
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     address: str
     listen: str | None = None
-    metrics_port: int | None = Field(None, ge=0, lt=65536)
+    metrics_port: int | None = Field(None, ge=1, lt=65536)
     devices: tuple[str, ...] = ("cpu",)
-    experts: (
-        tuple[Annotated[int, Field(ge=0)], ...]
-        | dict[Annotated[int, Field(ge=0)], tuple[Annotated[int, Field(ge=0)], ...]]
-    )
+    # A list (same experts on every layer) or {layer: [experts]}; see _experts.
+    experts: tuple[int, ...] | Mapping[int, tuple[int, ...]]
 
     _address = field_validator("address", "listen")(
         lambda v: v if v is None else (parse_address(v), v)[1]
     )
+
+    @field_validator("experts", mode="plain")
+    @classmethod
+    def _experts(cls, v: Any) -> tuple[int, ...] | Mapping[int, tuple[int, ...]]:
+        if isinstance(v, Mapping):
+            # Read-only view: the config is frozen all the way down.
+            return MappingProxyType(
+                {_index(k, "a layer index"): _expert_ids(ids, f"[{k}]") for k, ids in v.items()}
+            )
+        return _expert_ids(v)
 
     @field_validator("devices")
     @classmethod
@@ -189,6 +198,13 @@ class WorldConfig(_Frozen):
                         f"workers[{i}].experts: expert {bad[0]} on layer {layer} is out of "
                         f"range; expected 0..{n - 1} (model.num_experts={n})"
                     )
+        largest = self.master.max_request_tokens * self.model.hidden_size * 4  # float32 input
+        if largest > self.master.max_message_bytes:
+            raise ValueError(
+                f"master.max_request_tokens: {self.master.max_request_tokens} tokens x "
+                f"hidden_size {self.model.hidden_size} x 4 bytes = {largest} bytes exceeds "
+                f"master.max_message_bytes={self.master.max_message_bytes}; lower the token limit"
+            )
         for layer in self.model.moe_layers:
             placed = {e for w in self.workers for e in w.experts_on(layer)}
             missing = sorted(set(range(n)) - placed)
@@ -208,6 +224,24 @@ class WorldConfig(_Frozen):
         raise ConfigError(
             f"--worker-id: {worker_id!r} is not a worker of the config; known: {known}"
         )
+
+
+def _index(v: Any, what: str, where: str = "") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{where}{': ' if where else ''}expected {what} >= 0, got {v!r}")
+    return v
+
+
+def _expert_ids(v: Any, where: str = "") -> tuple[int, ...]:
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(
+            f"{where}{': ' if where else ''}expected a list of expert ids or a mapping "
+            f"{{layer: [expert ids]}}, got {v!r}"
+        )
+    ids = tuple(_index(e, "an expert id", f"{where}[{i}]") for i, e in enumerate(v))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"expected distinct expert ids, got {list(ids)}")
+    return ids
 
 
 def _check_unique(workers: tuple[WorkerConfig, ...]) -> None:
@@ -251,8 +285,8 @@ def parse_config(data: Any, source: str = "<config>") -> WorldConfig:
                 msg = "unknown key"
             elif err["type"] == "too_short" and len(errors) > 1:
                 continue  # an echo of the failing items themselves
-            if where and _FIELD_PREFIX.match(msg):  # a model validator naming its own field
-                lines.append(f"{where}.{msg}")
+            if where and _FIELD_PREFIX.match(msg):  # a validator naming a field below `where`
+                lines.append(f"{where}{'' if msg.startswith('[') else '.'}{msg}")
             else:
                 lines.append(f"{where}: {msg}" if where else msg)
         uniq = list(dict.fromkeys(lines))

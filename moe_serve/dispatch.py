@@ -27,10 +27,13 @@ class WorkerSlice:
 
 
 def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[WorkerSlice]:
-    """Split the kept pairs of `routing` by the worker owning each expert (owner: [E])."""
+    """Split the kept pairs of `routing` by the worker owning each expert.
+
+    owner: [E] worker index per expert, on the routing's device.
+    """
     t, k = routing.kept.nonzero(as_tuple=True)  # [P] kept pairs, token-major
     expert = routing.expert_ids[t, k]
-    worker = owner.to(expert.device)[expert]  # [P]
+    worker = owner[expert]  # [P]
     order = torch.argsort(worker, stable=True)  # grouped by worker, token order kept
     t, expert, worker = t[order], expert[order], worker[order]
     weight = routing.weights[t, k[order]]

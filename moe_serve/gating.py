@@ -46,7 +46,8 @@ def select_top_k(
 
 def expert_capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
     """Per-expert capacity for one request: ceil(cf * T * K / E)."""
-    return math.ceil(capacity_factor * tokens * k / num_experts)
+    # round(): 1.1 * 25 * 2 / 5 is 11.000000000000002 in binary floating point, capacity 11.
+    return math.ceil(round(capacity_factor * tokens * k / num_experts, 9))
 
 
 def capacity_mask(ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:

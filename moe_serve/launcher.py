@@ -57,9 +57,12 @@ class LocalCluster:
         self.verbose = verbose
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _spawn(self, name: str, *args: str) -> None:
+    def _spawn(self, name: str, threads: int, *args: str) -> None:
         cmd = [sys.executable, "-m", "moe_serve", *args, "--config", str(self.config_path)]
-        self.procs[name] = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        # The children share this machine's cores: without a cap each would start one
+        # busy-waiting OpenMP thread per core, and they would slow each other down.
+        env = {"OMP_NUM_THREADS": str(threads), **os.environ}
+        self.procs[name] = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env)
         self._say(f"started {name} pid={self.procs[name].pid}")
 
     def _say(self, text: str) -> None:
@@ -73,9 +76,10 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 120.0) -> None:
         """Start every worker and the master; return once all answer health checks."""
+        threads = max(1, (os.cpu_count() or 1) // len(self.cfg.workers))
         for w in self.cfg.workers:
-            self._spawn(f"worker {w.id}", "worker", "--worker-id", w.id)
-        self._spawn("master", "master")
+            self._spawn(f"worker {w.id}", threads, "worker", "--worker-id", w.id)
+        self._spawn("master", 1, "master")
         targets = {f"worker {w.id}": dial_address(w.address) for w in self.cfg.workers}
         targets["master"] = self.master_address
         deadline = time.monotonic() + timeout_s

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from moe_serve.errors import ConfigError
+
 _LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -121,7 +123,16 @@ class WorkerMetrics:
         )
 
 
-def start_exporter(port: int | None, registry: CollectorRegistry, host: str = "0.0.0.0") -> None:
-    """Serve /metrics on `port` in a background thread; None disables it."""
-    if port is not None:
+def start_exporter(
+    port: int | None, registry: CollectorRegistry, field: str, host: str = "0.0.0.0"
+) -> None:
+    """Serve /metrics on `port` in a background thread; None disables it.
+
+    `field` names the config key of the port for the error when it cannot be bound.
+    """
+    if port is None:
+        return
+    try:
         start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot serve metrics on port {port}: {exc.strerror}") from None

@@ -101,13 +101,16 @@ async def serve_service(
     servicer: object,
     listen: str,
     max_message_bytes: int,
-    serving: bool = True,
+    field: str, serving: bool = True,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
 
+    `field` names the config key of the address for the error when it cannot be bound.
     Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
     """
-    server = grpc.aio.server(options=message_options(max_message_bytes))
+    # so_reuseport off: a second process on a taken port must fail, not share the port.
+    options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((_generic_handler(service_name, servicer),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -123,7 +126,7 @@ async def serve_service(
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as exc:  # grpcio raises when the address cannot be bound
-        raise ConfigError(f"listen: cannot bind {listen!r}: {exc}") from None
+        raise ConfigError(f"{field}: cannot bind {listen!r}: {exc}") from None
     await server.start()
     await set_serving(health, full_name, serving)
     return server, health, port

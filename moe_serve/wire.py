@@ -98,7 +98,10 @@ def tensor_from_pb(
             f"(shape {list(shape)} x {itemsize} bytes per {dtype_name(dtype)})",
         )
     if expected == 0:
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except RuntimeError:  # zero-size, but the other dims overflow torch's size arithmetic
+            raise WireError(f"{field}.shape", f"{list(shape)} is too large") from None
     with warnings.catch_warnings():
         # protobuf bytes are immutable; the view is only ever read (see module docstring).
         warnings.simplefilter("ignore", UserWarning)

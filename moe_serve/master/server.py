@@ -24,11 +24,16 @@ async def serve(cfg: WorldConfig) -> None:
     pool = WorkerPool(cfg, metrics)
     service = MasterService(cfg, pool, metrics)
     server, health, port = await serve_service(
-        "MoEMaster", service, cfg.master.listen, cfg.master.max_message_bytes, serving=False
+        "MoEMaster",
+        service,
+        cfg.master.listen,
+        cfg.master.max_message_bytes,
+        field="master.listen",
+        serving=False,
     )
     # Ready (SERVING) while every worker answers its health check.
     pool.start_watch(lambda all_up: set_serving(health, "moe_serve.v1.MoEMaster", all_up))
-    start_exporter(cfg.master.metrics_port, metrics.registry)
+    start_exporter(cfg.master.metrics_port, metrics.registry, "master.metrics_port")
     log.info(
         "master: serving layers %s on port %d (metrics: %s)",
         list(cfg.model.moe_layers),

@@ -37,6 +37,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
             for layer in cfg.model.moe_layers
         }
         self.placement = Placement.from_config(cfg)
+        self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
 
     @error_boundary
     async def Infer(
@@ -51,13 +52,15 @@ class MasterService(pb_grpc.MoEMasterServicer):
             code = exc.code.name
             raise
         finally:
-            self.metrics.requests.labels(str(request.layer), code).inc()
+            # Unknown layer ids share one label value, so clients cannot mint series.
+            layer = str(request.layer) if request.layer in self.routers else "invalid"
+            self.metrics.requests.labels(layer, code).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - start)
 
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> pb.InferResponse:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
         r = route(x, self.routers[layer], self.cfg.model.top_k, self.cfg.routing)
-        slices = dispatch(r, self.placement.owner[layer], len(self.placement.worker_ids))
+        slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
         results = await asyncio.gather(
             *(self.pool.forward(layer, x, sl, timeout) for sl in slices), return_exceptions=True

@@ -13,7 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import WorkerSlice
-from moe_serve.errors import DeadlineError, MoEError, WorkerUnavailableError
+from moe_serve.errors import (
+    DeadlineError,
+    MoEError,
+    RequestTooLargeError,
+    WorkerUnavailableError,
+)
 from moe_serve.metrics import MasterMetrics
 from moe_serve.rpc import message_options
 from moe_serve.v1 import moe_pb2 as pb
@@ -96,6 +101,8 @@ class WorkerPool:
                 f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
                 f"({w.address}) is unavailable: {exc.details()}"
             )
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return RequestTooLargeError(f"worker {w.id!r} is over a limit: {exc.details()}")
         log.error("worker %s answered %s: %s", w.id, exc.code().name, exc.details())
         return MoEError(f"worker {w.id!r} failed: {exc.code().name}: {exc.details()}")
 

@@ -44,13 +44,15 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
     batcher = DynamicBatcher(engine, cfg.batching, metrics)
     batcher.start()
     worker = engine.worker
+    field = f"workers[{cfg.workers.index(worker)}]"
     server, health, port = await serve_service(
         "ExpertWorker",
         WorkerService(engine, batcher),
         worker.listen_address,
         cfg.master.max_message_bytes,
+        field=f"{field}.{'listen' if worker.listen else 'address'}",
     )
-    start_exporter(worker.metrics_port, metrics.registry)
+    start_exporter(worker.metrics_port, metrics.registry, f"{field}.metrics_port")
     log.info("worker %s: serving on port %d (metrics: %s)", worker.id, port, worker.metrics_port)
     await wait_for_signal()
     log.info("worker %s: stopping", worker.id)

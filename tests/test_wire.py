@@ -1,0 +1,267 @@
+"""Tensor <-> protobuf encoding: bit-exact round trips, and decoding that names the bad field."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_serve.errors import InvalidRequestError, WireError
+from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.wire import MAX_RANK, tensor_from_pb, tensor_to_pb
+
+WIRE_DTYPES: list[torch.dtype] = [
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.int32,
+    torch.int64,
+    torch.float8_e4m3fn,
+]
+ENUM: dict[torch.dtype, int] = {
+    torch.float32: pb.DTYPE_FLOAT32,
+    torch.bfloat16: pb.DTYPE_BFLOAT16,
+    torch.float16: pb.DTYPE_FLOAT16,
+    torch.int32: pb.DTYPE_INT32,
+    torch.int64: pb.DTYPE_INT64,
+    torch.float8_e4m3fn: pb.DTYPE_FLOAT8_E4M3,
+}
+ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in ENUM}
+
+shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
+dtypes = st.sampled_from(WIRE_DTYPES)
+SETTINGS = settings(max_examples=200, deadline=None)
+
+
+def raw(t: torch.Tensor) -> bytes:
+    """The tensor's bytes in row-major order."""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor whose memory is exactly `data` (any bit pattern: NaN payloads, -0.0, ...)."""
+    return torch.tensor(list(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    """Any wire dtype, rank 0..4 with 0-size dims allowed, arbitrary bit patterns."""
+    dtype, shape = draw(dtypes), draw(shapes)
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    return tensor_from_bytes(draw(st.binary(min_size=nbytes, max_size=nbytes)), dtype, shape)
+
+
+def message(dtype: int, shape: list[int], data: bytes) -> pb.Tensor:
+    """A raw Tensor message, possibly malformed."""
+    return pb.Tensor(dtype=dtype, shape=shape, data=data)
+
+
+def wire_error(msg: pb.Tensor, **kwargs: object) -> WireError:
+    """The WireError tensor_from_pb raises for `msg`, decoded as field 'hidden'."""
+    with pytest.raises(WireError) as info:
+        tensor_from_pb(msg, "hidden", **kwargs)  # type: ignore[arg-type]
+    return info.value
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(tensors())
+def test_round_trip_is_bit_exact(t: torch.Tensor) -> None:
+    out = tensor_from_pb(tensor_to_pb(t), "x")
+    assert out.dtype == t.dtype
+    assert out.shape == t.shape
+    assert raw(out) == raw(t)
+
+
+@SETTINGS
+@given(tensors())
+def test_encoding_writes_dtype_shape_and_raw_bytes(t: torch.Tensor) -> None:
+    msg = tensor_to_pb(t)
+    assert msg.dtype == ENUM[t.dtype]
+    assert list(msg.shape) == list(t.shape)
+    assert msg.data == raw(t)
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES, ids=str)
+def test_round_trip_preserves_special_values(dtype: torch.dtype) -> None:
+    if dtype.is_floating_point:
+        f = torch.finfo(dtype)
+        values = [0.0, -0.0, 1.0, -1.0, f.max, f.min, f.tiny, float("nan")]
+        if dtype != torch.float8_e4m3fn:  # e4m3fn has no infinities
+            values += [float("inf"), float("-inf")]
+        t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    else:
+        i = torch.iinfo(dtype)
+        t = torch.tensor([0, 1, -1, i.max, i.min], dtype=dtype)
+    assert raw(tensor_from_pb(tensor_to_pb(t), "x")) == raw(t)
+
+
+def test_rank_0_tensor_round_trips() -> None:
+    t = torch.tensor(3.5)
+    msg = tensor_to_pb(t)
+    assert list(msg.shape) == []
+    out = tensor_from_pb(msg, "x")
+    assert out.shape == () and out.item() == 3.5
+
+
+def test_zero_size_tensor_round_trips_with_empty_data() -> None:
+    t = torch.empty((3, 0, 2), dtype=torch.bfloat16)
+    msg = tensor_to_pb(t)
+    assert msg.data == b""
+    out = tensor_from_pb(msg, "x")
+    assert out.shape == (3, 0, 2) and out.dtype == torch.bfloat16
+
+
+def non_contiguous_views() -> list[torch.Tensor]:
+    base = torch.arange(4 * 6 * 5, dtype=torch.float32).reshape(4, 6, 5)
+    return [
+        base.transpose(0, 2),
+        base[:, ::2, 1:],
+        base[..., 3],
+        base.permute(1, 2, 0)[1:],
+        torch.arange(5, dtype=torch.int64).expand(3, 5),  # stride 0
+        base.to(torch.bfloat16).mT,
+        base[1:3, 2:4],  # contiguous rows, non-zero storage offset
+    ]
+
+
+@pytest.mark.parametrize("t", non_contiguous_views())
+def test_non_contiguous_input_encodes_in_logical_order(t: torch.Tensor) -> None:
+    msg = tensor_to_pb(t)
+    assert msg.data == raw(t.contiguous())
+    out = tensor_from_pb(msg, "x")
+    assert out.is_contiguous()
+    assert torch.equal(out, t)
+
+
+@SETTINGS
+@given(tensors(), st.data())
+def test_non_contiguous_random_views_round_trip(t: torch.Tensor, data: st.DataObject) -> None:
+    t = t.reshape(-1, 1) if t.dim() == 1 else t
+    t = t.permute(tuple(data.draw(st.permutations(range(t.dim())))))
+    out = tensor_from_pb(tensor_to_pb(t), "x")
+    assert out.shape == t.shape
+    assert raw(out) == raw(t)
+
+
+def test_encoding_detaches_tensors_that_require_grad() -> None:
+    t = torch.ones(2, 3, requires_grad=True)
+    assert torch.equal(tensor_from_pb(tensor_to_pb(t), "x"), t.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bool, torch.uint8, torch.int8])
+def test_encoding_a_dtype_that_cannot_travel_raises(dtype: torch.dtype) -> None:
+    with pytest.raises(WireError) as info:
+        tensor_to_pb(torch.zeros(2, dtype=dtype))
+    assert info.value.field == "tensor.dtype"
+    assert "cannot travel" in str(info.value)
+    assert "float32" in str(info.value)
+
+
+# --- decoding errors ---------------------------------------------------------------------------
+
+
+def test_wire_error_is_an_invalid_argument_request_error() -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT32, [2], b"\0" * 4))
+    assert isinstance(err, InvalidRequestError)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_truncated_data_names_the_data_field() -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT32, [2, 3], b"\0" * 23))
+    assert err.field == "hidden.data"
+    assert str(err).startswith("hidden.data: 23 bytes; expected 24")
+    assert "[2, 3]" in str(err) and "float32" in str(err)
+
+
+def test_extra_data_names_the_data_field() -> None:
+    err = wire_error(message(pb.DTYPE_INT64, [2], b"\0" * 17))
+    assert err.field == "hidden.data"
+    assert "17 bytes; expected 16" in str(err)
+
+
+def test_data_for_a_zero_size_shape_must_be_empty() -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT16, [4, 0], b"\0\0"))
+    assert err.field == "hidden.data"
+    assert "expected 0" in str(err)
+
+
+@SETTINGS
+@given(dtypes, shapes, st.integers(0, 64))
+def test_any_data_length_mismatch_is_rejected(
+    dtype: torch.dtype, shape: tuple[int, ...], length: int
+) -> None:
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if length == expected:
+        length += 1
+    err = wire_error(message(ENUM[dtype], list(shape), b"\x7f" * length))
+    assert err.field == "hidden.data"
+    assert f"{length} bytes; expected {expected}" in str(err)
+
+
+@pytest.mark.parametrize("shape", [[-1], [2, -3], [0, -1], [-2, -2]])
+def test_negative_dimension_names_the_shape_field(shape: list[int]) -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT32, shape, b""))
+    assert err.field == "hidden.shape"
+    assert f"{shape} has a negative dimension" in str(err)
+
+
+@pytest.mark.parametrize(
+    "shape", [[2**40, 2**40], [2**62, 2**62], [2**63 - 1, 2**63 - 1, 2**63 - 1]]
+)
+def test_huge_shape_is_rejected_by_length_without_allocating(shape: list[int]) -> None:
+    # A multi-exabyte tensor cannot be allocated: reaching WireError proves nothing was tried.
+    err = wire_error(message(pb.DTYPE_FLOAT32, shape, b"\0" * 16))
+    assert err.field == "hidden.data"
+    assert f"expected {math.prod(shape) * 4}" in str(err)
+
+
+def test_zero_size_shape_whose_other_dims_overflow_is_rejected() -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT32, [2**40, 2**40, 0], b""))
+    assert err.field == "hidden.shape"
+
+
+@pytest.mark.parametrize("enum", [pb.DTYPE_UNSPECIFIED, 7, 99, 2**31 - 1])
+def test_unknown_dtype_enum_names_the_dtype_field(enum: int) -> None:
+    err = wire_error(message(enum, [1], b"\0" * 4))
+    assert err.field == "hidden.dtype"
+    assert f"unknown dtype enum {enum}" in str(err)
+    assert "DTYPE_FLOAT32" in str(err)
+
+
+def test_dtype_outside_the_accepted_set_names_the_dtype_field() -> None:
+    msg = message(pb.DTYPE_INT64, [2], b"\0" * 16)
+    err = wire_error(msg, dtypes=frozenset({torch.float32, torch.bfloat16}))
+    assert err.field == "hidden.dtype"
+    assert "int64 is not accepted; expected one of ['bfloat16', 'float32']" in str(err)
+
+
+def test_dtype_in_the_accepted_set_decodes() -> None:
+    msg = tensor_to_pb(torch.arange(3, dtype=torch.int32))
+    out = tensor_from_pb(msg, "x", dtypes=frozenset({torch.int32}), rank=1)
+    assert out.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("shape", "rank"), [([6], 2), ([2, 3], 1), ([], 1), ([1, 2, 3], 2)])
+def test_wrong_rank_names_the_shape_field(shape: list[int], rank: int) -> None:
+    err = wire_error(message(pb.DTYPE_FLOAT32, shape, b"\0" * 4 * math.prod(shape)), rank=rank)
+    assert err.field == "hidden.shape"
+    assert f"rank {len(shape)} {shape}; expected rank {rank}" in str(err)
+
+
+def test_rank_above_the_maximum_names_the_shape_field() -> None:
+    shape = [1] * (MAX_RANK + 1)
+    err = wire_error(message(pb.DTYPE_FLOAT32, shape, b"\0" * 4))
+    assert err.field == "hidden.shape"
+    assert f"rank {MAX_RANK + 1} exceeds the maximum {MAX_RANK}" in str(err)
+
+
+def test_rank_at_the_maximum_decodes() -> None:
+    t = torch.arange(2**MAX_RANK, dtype=torch.int32).reshape([2] * MAX_RANK)
+    assert torch.equal(tensor_from_pb(tensor_to_pb(t), "x"), t)
