@@ -39,7 +39,7 @@ SETTINGS = settings(max_examples=200, deadline=None)
 
 def raw(t: torch.Tensor) -> bytes:
     """The tensor's bytes in row-major order."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return bytes(t.contiguous().reshape(-1).view(torch.uint8).tolist())  # no numpy needed
 
 
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
