@@ -22,7 +22,7 @@ from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import tensor_from_pb, tensor_to_pb
 
-DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
+DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
 
 
 class MoEServeError(Exception):
