@@ -101,7 +101,8 @@ async def serve_service(
     servicer: object,
     listen: str,
     max_message_bytes: int,
-    field: str, serving: bool = True,
+    field: str,
+    serving: bool = True,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
 
