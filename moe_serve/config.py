@@ -41,7 +41,11 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class ModelConfig(_Frozen):
-    """Model dimensions and expert kind; without a checkpoint, weights are seeded random."""
+    """Model dimensions and expert kind.
+
+    With `checkpoint`, `parse_config` fills these from the checkpoint's config.json
+    (moe_serve.families); without one, weights are seeded random.
+    """
 
     checkpoint: str | None = None
     hidden_size: int = Field(512, gt=0)
@@ -53,6 +57,10 @@ class ModelConfig(_Frozen):
     moe_layers: tuple[Annotated[int, Field(ge=0)], ...] = (0,)
     dtype: DType = "float32"
     seed: int = 0
+    # Shared experts (always-on GLU experts run on the master); 0: none.
+    shared_expert_ffn_size: int = Field(0, ge=0)
+    # Qwen2-MoE style: scale the shared experts' output by sigmoid(x @ shared_gate.T).
+    shared_expert_gate: bool = False
 
     @field_validator("activation", mode="before")
     @classmethod
@@ -72,20 +80,39 @@ class ModelConfig(_Frozen):
     def _checks(self) -> ModelConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k: {self.top_k} exceeds num_experts={self.num_experts}")
-        if self.checkpoint is not None:
-            raise ValueError(
-                "checkpoint: loading Hugging Face checkpoints is not available in this version; "
-                "remove the key to serve a synthetic model"
-            )
+        if self.shared_expert_gate and not self.shared_expert_ffn_size:
+            raise ValueError("shared_expert_gate: needs shared_expert_ffn_size > 0")
         return self
 
 
 class RoutingConfig(_Frozen):
-    """Gate behaviour: score function, top-k renormalisation, per-expert capacity."""
+    """Gate behaviour: scores, expert groups, top-k renormalisation and scaling, capacity."""
 
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     normalize_topk: bool = True
     capacity_factor: float | None = Field(None, gt=0)
+    # Multiplies the (renormalised) top-k weights (DeepSeek-V2/V3).
+    routed_scaling_factor: float = Field(1.0, gt=0)
+    # Group-limited top-k (DeepSeek): experts form n_group equal groups; each token picks
+    # from its topk_group best groups, a group scoring by its best expert ("max") or by the
+    # sum of its two best ("top2_sum", DeepSeek-V3).
+    n_group: int | None = Field(None, gt=0)
+    topk_group: int | None = Field(None, gt=0)
+    group_scoring: Literal["max", "top2_sum"] = "max"
+    # A per-expert bias added to the scores for selection only (DeepSeek-V3's
+    # e_score_correction_bias); the combine weights stay the unbiased scores.
+    correction_bias: bool = False
+    # "model": router logits in the model dtype, weights rounded to it (Mixtral, Qwen, OLMoE
+    # in transformers); "float32": logits in float32 (DeepSeek).
+    router_dtype: Literal["model", "float32"] = "float32"
+
+    @model_validator(mode="after")
+    def _groups(self) -> RoutingConfig:
+        if (self.n_group is None) != (self.topk_group is None):
+            raise ValueError("n_group: set both n_group and topk_group, or neither")
+        if self.n_group is not None and self.topk_group > self.n_group:
+            raise ValueError(f"topk_group: {self.topk_group} exceeds n_group={self.n_group}")
+        return self
 
 
 class MasterConfig(_Frozen):
@@ -182,6 +209,18 @@ class WorldConfig(_Frozen):
     @model_validator(mode="after")
     def _placement(self) -> WorldConfig:
         _check_unique(self.workers)
+        r, m = self.routing, self.model
+        if r.n_group is not None:
+            if m.num_experts % r.n_group:
+                raise ValueError(
+                    f"routing.n_group: {r.n_group} does not divide "
+                    f"model.num_experts={m.num_experts}"
+                )
+            if m.top_k > r.topk_group * (m.num_experts // r.n_group):
+                raise ValueError(
+                    f"model.top_k: {m.top_k} exceeds the {r.topk_group} selected groups' "
+                    f"{r.topk_group * (m.num_experts // r.n_group)} experts"
+                )
         layers, n = set(self.model.moe_layers), self.model.num_experts
         for i, w in enumerate(self.workers):
             per_layer = w.experts if isinstance(w.experts, Mapping) else {}
@@ -267,12 +306,58 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_config(data: Any, source: str = "<config>") -> WorldConfig:
-    """Validate a decoded YAML mapping; raise ConfigError naming each bad field."""
+# Model keys a world config may set beside a checkpoint: serve a subset of its MoE layers,
+# or cast its weights to another dtype. Every other model key comes from config.json.
+_CHECKPOINT_OVERRIDABLE = frozenset({"checkpoint", "dtype", "moe_layers", "seed"})
+
+
+def _with_checkpoint(data: Mapping[str, Any], base: Path | None) -> Mapping[str, Any]:
+    """Fill `model` and default `routing` keys from the checkpoint's config.json."""
+    from moe_serve.families import read_layout  # config.json only; no tensors are read
+
+    model = data.get("model")
+    if not isinstance(model, Mapping) or not isinstance(model.get("checkpoint"), str):
+        return data
+    path = Path(model["checkpoint"]).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path  # relative to the world config file
+    layout = read_layout(path)
+    derived = {"shared_expert_ffn_size": 0, "shared_expert_gate": False, **layout.model}
+    for key, value in model.items():
+        if key not in _CHECKPOINT_OVERRIDABLE and key in derived and value != derived[key]:
+            raise ConfigError(
+                f"model.{key}: {value!r} contradicts the checkpoint ({layout.family}: "
+                f"{derived[key]!r}); leave it out to use the checkpoint's value"
+            )
+    served = model.get("moe_layers", derived["moe_layers"])
+    if isinstance(served, list | tuple):
+        extra = [la for la in served if la not in derived["moe_layers"]]
+        if extra:
+            raise ConfigError(
+                f"model.moe_layers: layer {extra[0]} is not a MoE layer of the checkpoint; "
+                f"its MoE layers: {derived['moe_layers']}"
+            )
+    routing = data.get("routing") or {}
+    return {
+        **data,
+        "model": {**derived, **model, "checkpoint": str(path)},
+        "routing": {**layout.routing, **routing} if isinstance(routing, Mapping) else routing,
+    }
+
+
+def parse_config(data: Any, source: str = "<config>", base: Path | None = None) -> WorldConfig:
+    """Validate a decoded YAML mapping; raise ConfigError naming each bad field.
+
+    `base` is the directory a relative `model.checkpoint` is resolved against.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{source}: expected a mapping at the top level, got {type(data).__name__}"
         )
+    try:
+        data = _with_checkpoint(data, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: invalid world config:\n  {exc}") from None
     try:
         return WorldConfig.model_validate(data)
     except ValidationError as exc:
@@ -304,7 +389,7 @@ def load_config(path: str | Path) -> WorldConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data, str(p))
+    return parse_config(data, str(p), base=p.parent)
 
 
 def check_devices_exist(devices: tuple[str, ...], field: str) -> None:

@@ -35,6 +35,14 @@ def expert_forward(
     return F.linear(act(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
 
 
+def shared_forward(activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Shared experts on x [T, H] -> [T, H]: a GLU, times sigmoid(x @ shared_gate.T) if gated."""
+    y = expert_forward("glu", activation, w, x)
+    if "shared_gate" in w:
+        y = torch.sigmoid(F.linear(x, w["shared_gate"])) * y
+    return y
+
+
 class ExpertStack:
     """The experts of one layer on one device, weights stacked along a leading expert dim."""
 

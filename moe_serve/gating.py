@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_serve.config import RoutingConfig
+from moe_serve.weights import WeightSource
 
 
 @dataclass(frozen=True)
@@ -28,20 +29,58 @@ class Routing:
     importance_loss: torch.Tensor  # [] float32
 
 
-def gate_scores(x: torch.Tensor, router: torch.Tensor, scoring: str) -> torch.Tensor:
-    """Router scores [T, E] in float32: softmax or sigmoid of x @ router.T."""
-    logits = F.linear(x.float(), router.float())  # [T, E]
+def gate_scores(
+    x: torch.Tensor, router: torch.Tensor, scoring: str, router_dtype: str = "float32"
+) -> torch.Tensor:
+    """Router scores [T, E] in float32: softmax or sigmoid of x @ router.T.
+
+    router_dtype "model" computes the logits in x's dtype first, as Mixtral/Qwen do.
+    """
+    if router_dtype == "model":
+        logits = F.linear(x, router.to(x.dtype)).float()  # [T, E]
+    else:
+        logits = F.linear(x.float(), router.float())  # [T, E]
     return torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
 
 
+def group_mask(
+    choice: torch.Tensor, n_group: int, topk_group: int, group_scoring: str
+) -> torch.Tensor:
+    """[T, E] bool: experts in each token's topk_group best groups (DeepSeek group-limited)."""
+    T, E = choice.shape
+    grouped = choice.view(T, n_group, E // n_group)  # [T, G, E/G]
+    if group_scoring == "max":
+        group_score = grouped.max(dim=-1).values  # [T, G]
+    else:  # "top2_sum"
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_score, topk_group, dim=-1).indices  # [T, topk_group]
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+    return keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+
+
 def select_top_k(
-    scores: torch.Tensor, k: int, normalize: bool
+    scores: torch.Tensor,
+    k: int,
+    normalize: bool,
+    *,
+    bias: torch.Tensor | None = None,
+    groups: tuple[int, int, str] | None = None,
+    scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k expert ids [T, K] and their weights [T, K], optionally renormalised to sum 1."""
-    weights, ids = torch.topk(scores, k, dim=-1)
+    """Top-k expert ids [T, K] and their weights [T, K].
+
+    bias [E] shifts the scores for selection only; groups = (n_group, topk_group,
+    group_scoring) limits the choice to the best groups; weights are the unbiased
+    scores of the chosen experts, optionally renormalised to sum 1, times `scaling`.
+    """
+    choice = scores if bias is None else scores + bias.float()
+    if groups is not None:
+        choice = choice.masked_fill(~group_mask(choice, *groups), float("-inf"))
+    ids = torch.topk(choice, k, dim=-1).indices  # [T, K]
+    weights = scores.gather(1, ids)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights
+    return ids, weights * scaling if scaling != 1.0 else weights
 
 
 def expert_capacity(capacity_factor: float, tokens: int, k: int, num_experts: int) -> int:
@@ -85,11 +124,60 @@ def importance_loss(scores: torch.Tensor) -> torch.Tensor:
     return importance.var(unbiased=False) / importance.mean().square()
 
 
-def route(x: torch.Tensor, router: torch.Tensor, k: int, cfg: RoutingConfig) -> Routing:
-    """Gate a batch: x [T, H], router [E, H] -> Routing."""
+@dataclass(frozen=True)
+class Gate:
+    """One MoE layer's gate: router weight [E, H], optional selection bias [E], settings."""
+
+    router: torch.Tensor
+    bias: torch.Tensor | None
+    top_k: int
+    cfg: RoutingConfig
+
+    @classmethod
+    def load(
+        cls,
+        source: WeightSource,
+        layer: int,
+        top_k: int,
+        cfg: RoutingConfig,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Gate:
+        """Read a layer's router (kept in the model dtype when logits are computed in it)."""
+        router_dtype = dtype if cfg.router_dtype == "model" else torch.float32
+        bias = source.correction_bias(layer)
+        return cls(
+            router=source.router(layer).to(device, router_dtype),
+            bias=None if bias is None else bias.to(device, torch.float32),
+            top_k=top_k,
+            cfg=cfg,
+        )
+
+    def __call__(self, x: torch.Tensor) -> Routing:
+        return route(x, self.router, self.top_k, self.cfg, self.bias)
+
+
+def route(
+    x: torch.Tensor,
+    router: torch.Tensor,
+    k: int,
+    cfg: RoutingConfig,
+    bias: torch.Tensor | None = None,
+) -> Routing:
+    """Gate a batch: x [T, H], router [E, H], optional correction bias [E] -> Routing."""
     E = router.shape[0]
-    scores = gate_scores(x, router, cfg.scoring)  # [T, E]
-    ids, weights = select_top_k(scores, k, cfg.normalize_topk)  # [T, K]
+    scores = gate_scores(x, router, cfg.scoring, cfg.router_dtype)  # [T, E]
+    groups = None if cfg.n_group is None else (cfg.n_group, cfg.topk_group, cfg.group_scoring)
+    ids, weights = select_top_k(  # [T, K]
+        scores,
+        k,
+        cfg.normalize_topk,
+        bias=bias,
+        groups=groups,
+        scaling=cfg.routed_scaling_factor,
+    )
+    if cfg.router_dtype == "model":
+        weights = weights.to(x.dtype).float()  # transformers rounds them to the model dtype
     if cfg.capacity_factor is None:
         kept = torch.ones_like(ids, dtype=torch.bool)
     else:

@@ -322,7 +322,10 @@ def test_top_k_equal_to_num_experts_is_allowed() -> None:
         ({"moe_layers": []}, "model.moe_layers: expected at least one MoE layer index"),
         ({"moe_layers": [1, 1]}, "model.moe_layers: expected distinct layer indices, got [1, 1]"),
         ({"moe_layers": [-1]}, "model.moe_layers[0]: Input should be greater than or equal to 0"),
-        ({"checkpoint": "model.safetensors"}, "model.checkpoint: loading Hugging Face"),
+        (
+            {"checkpoint": "/nonexistent/dir"},
+            "model.checkpoint: cannot read '/nonexistent/dir/config.json'",
+        ),
     ],
 )
 def test_bad_model_field(fields: dict[str, Any], expected: str) -> None:

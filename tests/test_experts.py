@@ -8,10 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from moe_serve.config import ModelConfig, WorkerConfig
+from moe_serve.config import ModelConfig, RoutingConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError
 from moe_serve.experts import ExpertStack, expert_forward, grouped_forward
-from moe_serve.weights import GLU_KEYS, MLP_KEYS, synthetic_expert, synthetic_router
+from moe_serve.weights import GLU_KEYS, MLP_KEYS, ExpertWeights, SyntheticWeights
 from moe_serve.worker.engine import WorkerEngine
 
 H, F, E = 16, 32, 6
@@ -25,6 +25,14 @@ SCALAR_ACT: dict[str, Callable[[float], float]] = {
     "silu": lambda v: v / (1.0 + math.exp(-v)),
     "tanh": math.tanh,
 }
+
+
+def synthetic_expert(m: ModelConfig, layer: int, expert: int) -> ExpertWeights:
+    return SyntheticWeights(m, RoutingConfig()).experts(layer, [expert])[0]
+
+
+def synthetic_router(m: ModelConfig, layer: int) -> torch.Tensor:
+    return SyntheticWeights(m, RoutingConfig()).router(layer)
 
 
 def model_config(kind: str = "mlp", activation: str = "gelu", **kw: object) -> ModelConfig:
@@ -245,7 +253,7 @@ def engine(devices: list[str], experts: list[int], kind: str = "mlp") -> WorkerE
     w = WorkerConfig(
         id="w0", address="localhost:50061", devices=tuple(devices), experts=tuple(experts)
     )
-    return WorkerEngine(m, w)
+    return WorkerEngine(m, w, SyntheticWeights(m, RoutingConfig()))
 
 
 def pairs(experts: list[int], tokens: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:

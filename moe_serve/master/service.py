@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -14,28 +15,37 @@ import torch
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import combine, dispatch
 from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
-from moe_serve.gating import Routing, route
+from moe_serve.experts import shared_forward
+from moe_serve.gating import Gate, Routing
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
 from moe_serve.placement import Placement
 from moe_serve.rpc import error_boundary
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.weights import synthetic_router
+from moe_serve.weights import ExpertWeights, open_weights
 from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, tensor_from_pb, tensor_to_pb
 
 
 class MasterService(pb_grpc.MoEMasterServicer):
-    """Holds every MoE layer's router on `master.device` and serves Infer and GetInfo."""
+    """Holds every MoE layer's gate and shared experts on `master.device`; serves Infer, GetInfo."""
 
     def __init__(self, cfg: WorldConfig, pool: WorkerPool, metrics: MasterMetrics) -> None:
         self.cfg, self.pool, self.metrics = cfg, pool, metrics
         self.device = torch.device(cfg.master.device)
         self.dtype = DTYPE_NAMES[cfg.model.dtype]
-        self.routers = {
-            layer: synthetic_router(cfg.model, layer).to(self.device)
-            for layer in cfg.model.moe_layers
+        m, source = cfg.model, open_weights(cfg.model, cfg.routing)
+        self.gates = {
+            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, self.dtype)
+            for la in m.moe_layers
         }
+        self.shared: dict[int, ExpertWeights] = {}
+        for la in m.moe_layers:
+            w = source.shared_expert(la)
+            if w is not None:
+                self.shared[la] = {k: v.to(self.device, self.dtype) for k, v in w.items()}
+        # Shared experts run here while the worker calls are in flight.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared")
         self.placement = Placement.from_config(cfg)
         self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
 
@@ -53,22 +63,28 @@ class MasterService(pb_grpc.MoEMasterServicer):
             raise
         finally:
             # Unknown layer ids share one label value, so clients cannot mint series.
-            layer = str(request.layer) if request.layer in self.routers else "invalid"
+            layer = str(request.layer) if request.layer in self.gates else "invalid"
             self.metrics.requests.labels(layer, code).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - start)
 
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> pb.InferResponse:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
-        r = route(x, self.routers[layer], self.cfg.model.top_k, self.cfg.routing)
+        r = self.gates[layer](x)
         slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
-        results = await asyncio.gather(
-            *(self.pool.forward(layer, x, sl, timeout) for sl in slices), return_exceptions=True
-        )
+        calls = [self.pool.forward(layer, x, sl, timeout) for sl in slices]
+        if layer in self.shared:
+            loop = asyncio.get_running_loop()
+            act, w = self.cfg.model.activation, self.shared[layer]
+            calls.append(loop.run_in_executor(self._compute, shared_forward, act, w, x))
+        results = await asyncio.gather(*calls, return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
                 raise res
-        out = combine(x.shape[0], x.shape[1], slices, results, self.device)  # [T, H] float32
+        partials = results[: len(slices)]
+        out = combine(x.shape[0], x.shape[1], slices, partials, self.device)  # [T, H] float32
+        if layer in self.shared:
+            out += results[-1].float()
         self._observe(layer, r)
         reply = pb.InferResponse(output=tensor_to_pb(out.to(self.dtype)))
         if request.return_routing:
@@ -77,7 +93,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
 
     def _decode(self, request: pb.InferRequest) -> torch.Tensor:
         layers = self.cfg.model.moe_layers
-        if request.layer not in self.routers:
+        if request.layer not in self.gates:
             raise InvalidRequestError(
                 "layer", f"{request.layer} is not a MoE layer; served: {list(layers)}"
             )

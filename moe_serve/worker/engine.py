@@ -7,30 +7,68 @@ Legend: N tokens, P (token, expert) pairs, H hidden size, E experts of the model
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from moe_serve.config import ModelConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError
 from moe_serve.experts import ExpertStack, grouped_forward
 from moe_serve.placement import device_assignment
-from moe_serve.weights import synthetic_expert
+from moe_serve.weights import WeightSource
 from moe_serve.wire import DTYPE_NAMES
+
+log = logging.getLogger(__name__)
+
+
+class _Progress:
+    """Logs experts loaded / total, bytes and time while a worker loads its experts."""
+
+    def __init__(self, total: int, worker_id: str) -> None:
+        self.total, self.worker_id = total, worker_id
+        self.loaded, self.nbytes, self.start, self.last = 0, 0, time.monotonic(), 0.0
+
+    def add(self, experts: int, nbytes: int) -> None:
+        self.loaded, self.nbytes = self.loaded + experts, self.nbytes + nbytes
+        now = time.monotonic()
+        if now - self.last >= 2.0 or self.loaded == self.total:
+            self.last = now
+            log.info(
+                "worker %s: loaded %d/%d experts (%.1f MB, %.1f s)",
+                self.worker_id,
+                self.loaded,
+                self.total,
+                self.nbytes / 1e6,
+                now - self.start,
+            )
+
+    def done(self) -> None:
+        log.info(
+            "worker %s: %d experts ready (%.1f MB) in %.1f s",
+            self.worker_id,
+            self.loaded,
+            self.nbytes / 1e6,
+            time.monotonic() - self.start,
+        )
 
 
 class WorkerEngine:
     """Experts of one worker for every MoE layer, stacked per device."""
 
-    def __init__(self, model: ModelConfig, worker: WorkerConfig) -> None:
+    def __init__(self, model: ModelConfig, worker: WorkerConfig, source: WeightSource) -> None:
         self.model, self.worker = model, worker
         self.dtype = DTYPE_NAMES[model.dtype]
         self.devices = [torch.device(d) for d in worker.devices]
         self.stacks: dict[int, list[ExpertStack | None]] = {}
         self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
         self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
+        progress = _Progress(sum(len(worker.experts_on(la)) for la in model.moe_layers), worker.id)
         for layer in model.moe_layers:
-            self._load_layer(layer)
+            self._load_layer(layer, source, progress)
+        progress.done()
 
-    def _load_layer(self, layer: int) -> None:
+    def _load_layer(self, layer: int, source: WeightSource, progress: _Progress) -> None:
         m = self.model
         device_of = torch.full((m.num_experts,), -1, dtype=torch.int64)
         slot_of = torch.zeros(m.num_experts, dtype=torch.int64)
@@ -38,12 +76,13 @@ class WorkerEngine:
         for d, experts in enumerate(device_assignment(self.worker, layer)):
             device_of[experts] = d
             slot_of[experts] = torch.arange(len(experts))
-            weights = [synthetic_expert(m, layer, e) for e in experts]
-            stacks.append(
-                ExpertStack(m.expert_kind, m.activation, weights, self.devices[d], self.dtype)
-                if experts
-                else None
-            )
+            if not experts:
+                stacks.append(None)
+                continue
+            weights = source.experts(layer, experts)
+            stack = ExpertStack(m.expert_kind, m.activation, weights, self.devices[d], self.dtype)
+            stacks.append(stack)
+            progress.add(len(experts), stack.nbytes())
         self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
 
     def held(self, layer: int) -> tuple[int, ...]:

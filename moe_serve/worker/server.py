@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
 from moe_serve.rpc import run, serve_service, wait_for_signal
+from moe_serve.weights import open_weights
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 from moe_serve.worker.service import WorkerService
@@ -22,17 +22,7 @@ def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
     worker = cfg.worker(worker_id)
     index = cfg.workers.index(worker)
     check_devices_exist(worker.devices, f"workers[{index}].devices")
-    start = time.perf_counter()
-    engine = WorkerEngine(cfg.model, worker)
-    held = {layer: len(engine.held(layer)) for layer in cfg.model.moe_layers}
-    log.info(
-        "worker %s: loaded experts %s on %s in %.2fs",
-        worker.id,
-        held,
-        list(worker.devices),
-        time.perf_counter() - start,
-    )
-    return engine
+    return WorkerEngine(cfg.model, worker, open_weights(cfg.model, cfg.routing))
 
 
 async def serve(cfg: WorldConfig, worker_id: str) -> None:
