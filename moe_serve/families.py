@@ -68,7 +68,18 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = ...) -> Any:
     return default
 
 
-def _common(cfg: Mapping[str, Any], ffn_key: str, experts_key: str, layers: list[int]) -> dict:
+def _first(cfg: Mapping[str, Any], keys: str | tuple[str, ...]) -> Any:
+    """The first of `keys` present in config.json (families renamed fields over time)."""
+    keys = (keys,) if isinstance(keys, str) else keys
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise CheckpointError(f"config.json: missing field {keys[0]!r}")
+
+
+def _common(
+    cfg: Mapping[str, Any], ffn_key: str, experts_key: str | tuple[str, ...], layers: list[int]
+) -> dict:
     act = _get(cfg, "hidden_act", "silu")
     if act not in _ACTIVATIONS:
         raise CheckpointError(
@@ -79,7 +90,7 @@ def _common(cfg: Mapping[str, Any], ffn_key: str, experts_key: str, layers: list
     return {
         "hidden_size": _get(cfg, "hidden_size"),
         "expert_ffn_size": _get(cfg, ffn_key),
-        "num_experts": _get(cfg, experts_key),
+        "num_experts": _first(cfg, experts_key),
         "top_k": _get(cfg, "num_experts_per_tok"),
         "expert_kind": "glu",
         "activation": _ACTIVATIONS[act],
@@ -104,7 +115,8 @@ def _qwen(cfg: Mapping[str, Any], family: str) -> Layout:
     layers = [
         i for i in range(_get(cfg, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0
     ]
-    model = _common(cfg, "moe_intermediate_size", "num_experts", layers)
+    # transformers 5.x writes Qwen3-MoE's expert count as num_local_experts.
+    model = _common(cfg, "moe_intermediate_size", ("num_experts", "num_local_experts"), layers)
     shared = _get(cfg, "shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0
     if shared:
         model |= {"shared_expert_ffn_size": shared, "shared_expert_gate": True}
