@@ -106,14 +106,14 @@ def test_mismatched_shape_names_key_and_both_shapes(tmp_path: Path) -> None:
 
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ConfigError, match="model_type 'llama'.*supported: .*mixtral"):
+    with pytest.raises(ConfigError, match=r"model_type 'llama'.*supported: .*mixtral"):
         parse_config(_world(tmp_path))
 
 
 def test_model_key_contradicting_the_checkpoint_is_rejected(tmp_path: Path) -> None:
     config = _world(write_mixtral(tmp_path / "m", hidden=8, ffn=16))
     config["model"]["num_experts"] = 16
-    with pytest.raises(ConfigError, match="model.num_experts: 16 contradicts the checkpoint"):
+    with pytest.raises(ConfigError, match=r"model\.num_experts: 16 contradicts the checkpoint"):
         parse_config(config)
 
 
