@@ -6,10 +6,17 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from moe_serve.config import load_config
+from moe_serve.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+# config.json of the published checkpoints the examples name.
+CHECKPOINT_CONFIGS = {
+    "mixtral-2-machines.yaml": DATA / "mixtral-8x7b-config.json",
+    "deepseek-moe-16b.yaml": DATA / "deepseek-moe-16b-config.json",
+}
 
 
 def readme_commands() -> list[str]:
@@ -34,6 +41,22 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "deploy" / "examples").glob("*.yaml")), ids=lambda p: p.name
 )
-def test_example_config_is_valid(path: Path) -> None:
-    cfg = load_config(path)
+def test_example_config_is_valid(path: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    if "checkpoint" in data["model"]:  # stand in the published config.json for the weights
+        (tmp_path / "config.json").write_text(CHECKPOINT_CONFIGS[path.name].read_text())
+        data["model"]["checkpoint"] = str(tmp_path)
+    cfg = parse_config(data, path.name)
     assert cfg.workers
+
+
+def test_deepseek_moe_16b_example_has_seed_004_layout(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(CHECKPOINT_CONFIGS["deepseek-moe-16b.yaml"].read_text())
+    data = yaml.safe_load((ROOT / "deploy" / "examples" / "deepseek-moe-16b.yaml").read_text())
+    data["model"]["checkpoint"] = str(tmp_path)
+    cfg = parse_config(data)
+    assert cfg.model.moe_layers == tuple(range(1, 28))
+    assert (cfg.model.num_experts, cfg.model.top_k, cfg.model.expert_ffn_size) == (64, 6, 1408)
+    assert cfg.model.shared_expert_ffn_size == 2 * 1408  # two shared experts, on the master
+    assert not cfg.routing.normalize_topk
+    assert [len(w.experts) for w in cfg.workers] == [32, 32]
