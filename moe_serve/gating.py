@@ -143,12 +143,16 @@ class Gate:
         device: torch.device,
         dtype: torch.dtype,
     ) -> Gate:
-        """Read a layer's router (kept in the model dtype when logits are computed in it)."""
-        router_dtype = dtype if cfg.router_dtype == "model" else torch.float32
+        """Read a layer's router and bias, rounded to the model dtype like every weight.
+
+        With router_dtype "float32" they are then held in float32, so each request does not
+        convert them again.
+        """
+        held = dtype if cfg.router_dtype == "model" else torch.float32
         bias = source.correction_bias(layer)
         return cls(
-            router=source.router(layer).to(device, router_dtype),
-            bias=None if bias is None else bias.to(device, torch.float32),
+            router=source.router(layer).to(dtype).to(device, held),
+            bias=None if bias is None else bias.to(dtype).to(device, torch.float32),
             top_k=top_k,
             cfg=cfg,
         )

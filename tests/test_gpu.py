@@ -61,3 +61,37 @@ def test_two_gpus_bfloat16_example_matches_reference(cluster_factory: Any, token
     for layer in cluster.cfg.model.moe_layers:
         # bfloat16 has 8 mantissa bits; partial sums are rounded once more on the wire.
         assert parity(cluster, tokens, layer) <= 2e-2
+
+
+# bfloat16 keeps 8 significant bits: unit roundoff u = 2**-8. Both sides round each GEMM's
+# output to bfloat16 (transformers also sums the experts in bfloat16, moe_serve in float32
+# with one rounding per worker partial), so elementwise errors of a few u of the output's
+# scale are expected. Bounds: relative Frobenius error <= 2u, max abs error <= 8u * max|y|.
+BF16_U = 2.0**-8
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_tiny_family_in_bfloat16_on_two_gpus_matches_transformers_on_one(
+    cluster_factory: Any, tmp_path: Path, family: str
+) -> None:
+    from tests import hf_models
+
+    needs_gpus(2)
+    model = hf_models.build_model(family, seed=1)
+    path = hf_models.save_model(model, tmp_path / family)
+    model = model.to("cuda:0", torch.bfloat16)
+    config = on_free_ports("seed-000.yaml")
+    config["model"] = {"checkpoint": str(path), "dtype": "bfloat16"}
+    del config["routing"]  # the checkpoint's routing, not seed-000's
+    config["workers"][0]["experts"], config["workers"][1]["experts"] = [0, 1, 2, 3], [4, 5, 6, 7]
+    cluster = cluster_factory(config)
+    g = torch.Generator(device="cuda:0").manual_seed(0)
+    with MoEClient(cluster.address) as client:
+        for layer in hf_models.moe_layers(model):
+            x = torch.randn(512, model.config.hidden_size, device="cuda:0", generator=g)
+            x = x.to(torch.bfloat16)
+            y = client.infer(x, layer=layer)
+            expected = hf_models.block_output(model, layer, x).float()
+            diff = y.float() - expected
+            assert (diff.norm() / expected.norm()).item() <= 2 * BF16_U
+            assert diff.abs().max().item() <= 8 * BF16_U * expected.abs().max().item()
