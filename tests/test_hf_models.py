@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hf_models
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
+
+from tests import hf_models
 
 H = 64
 K = 2
