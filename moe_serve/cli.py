@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--requests", type=_at_least(10), default=200, help="latency samples, >= 10 (default: 200)"
     )
+    from moe_serve.planner import add_arguments  # stdlib imports only: cheap
+
+    add_arguments(sub.add_parser("placement", help="plan a world config from a checkpoint"))
     return p
 
 
@@ -96,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moe_serve.demo import run
 
             return run(args.devices, args.requests)
+        elif args.command == "placement":
+            from moe_serve.planner import main as placement_main
+
+            return placement_main(args)
     except ConfigError as exc:
         print(f"moe-serve {args.command}: {exc}", file=sys.stderr)
         return 2
