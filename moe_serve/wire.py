@@ -91,10 +91,11 @@ def tensor_from_pb(
         raise WireError(f"{field}.shape", f"{list(shape)} has a negative dimension")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize  # Python ints: huge shapes cannot overflow
-    if len(msg.data) != expected:
+    data = msg.data  # read once: each access of a bytes field may build a new object
+    if len(data) != expected:
         raise WireError(
             f"{field}.data",
-            f"{len(msg.data)} bytes; expected {expected} "
+            f"{len(data)} bytes; expected {expected} "
             f"(shape {list(shape)} x {itemsize} bytes per {dtype_name(dtype)})",
         )
     if expected == 0:
@@ -105,5 +106,5 @@ def tensor_from_pb(
     with warnings.catch_warnings():
         # protobuf bytes are immutable; the view is only ever read (see module docstring).
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(msg.data, dtype=dtype)
+        flat = torch.frombuffer(data, dtype=dtype)
     return flat.view(shape)
