@@ -1,41 +1,15 @@
 """Plan an expert placement: which worker, and which of its devices, holds each routed expert.
 
-`moe-serve placement` reads a checkpoint's config.json and its safetensors headers (never tensor
-data), takes every routed expert's bytes per MoE layer, and gives each (layer, expert) to one
-device of the workers named on the command line:
-
-* without a trace it balances expert **bytes** per device;
-* with a routing trace it balances expected **token-expert pairs** per device within each layer
-  (a layer's call waits for its busiest device), keeping every device's bytes within
-  `memory_tolerance` of the byte-balanced maximum, and can add replicas of the hottest experts.
-
-Round-robin, exactly. A worker spreads each layer's experts over its devices in listed order
-(`moe_serve.placement.device_assignment`: the i-th expert on `devices[i % len(devices)]`), so
-the planner works on each worker's *ordered list* per layer, position i being device
-i % len(devices). It only ever appends to a list (the expert lands on the worker's next
-round-robin device), swaps two entries, or removes one by moving the list's last entry into its
-place, so every device it reports is the device `device_assignment` gives from the written
-config; `main` re-checks that on the config it writes. The balance is therefore per device,
-under one constraint of round-robin itself: within a worker and a layer, device counts differ by
-at most one and the extra experts sit on the first-listed devices. Where that binds (a lone
-worker with 3 devices and 8 experts per layer: 3/3/2 on every layer) the first devices carry up
-to one expert per layer more than an unconstrained plan would, and the table shows it.
-
-Method (deterministic): a greedy longest-processing-time pass (largest item first, to the
-worker whose next round-robin device is least loaded; with a trace, only devices that stay
-under the memory bound), then a descent that applies swaps and moves between devices while
-they lower the sum of squared loads without raising the busiest device. Byte plans also try
-block moves, block exchanges across two layers and chains of moves across layers, which a
-worker with several devices needs to even out its first and last devices. With a trace, if
-the greedy pass cannot meet the memory bound, the descent starts from the byte plan instead.
-
-Heavy modules (torch, yaml, pydantic) are imported inside the functions that need them: `cli`
-imports this module to build its parser for every command.
+`moe-serve placement` reads config.json and the safetensors headers (no tensor data), then
+balances expert bytes per device or, with a routing trace, token-expert pairs per device and
+layer under a memory cap, optionally with replicas of the hottest experts. A worker puts the
+i-th listed expert of a layer on `devices[i % len(devices)]`, filling its devices a round at a
+time, and the planner hands experts out the same way (`_place_layer`, docs/placement.md).
+Heavy modules (torch, yaml, pydantic) are imported where used: `cli` imports this module.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -43,8 +17,6 @@ import shlex
 import struct
 import sys
 import textwrap
-from bisect import bisect_left, bisect_right
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,16 +32,9 @@ if TYPE_CHECKING:
 DEFAULT_MEMORY_TOLERANCE = 0.10
 DEFAULT_MASTER_LISTEN = "0.0.0.0:50051"
 WORKER_SYNTAX = "ID=HOST:PORT@DEVICE[,DEVICE...] (e.g. w0=10.0.0.11:50061@cuda:0,cuda:1)"
-
 _WORKER = re.compile(r"^(?P<id>[A-Za-z0-9_.-]+)=(?P<address>[^@=\s]+)@(?P<devices>\S+)$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_MAX_MOVES = 100_000  # per descent scope; the descent stops far earlier in practice
-_Entries = tuple[list[float], list[tuple[int, int]]]  # a device's entry weights, sorted; owners
-_EXCHANGE_BUDGET = 2_000_000  # block exchanges are tried only on plans smaller than this
-_Chain = tuple[tuple[int, int, int], ...]  # transfers (layer, from worker, to worker)
-
-
-# --- Command-line inputs -------------------------------------------------------------------
+_PerLayer = dict[int, list[Any]]  # layer -> one value per expert, or per worker
 
 
 @dataclass(frozen=True)
@@ -79,10 +44,6 @@ class WorkerSpec:
     id: str
     address: str
     devices: tuple[str, ...]
-
-    @property
-    def spec(self) -> str:
-        return f"{self.id}={self.address}@{','.join(self.devices)}"
 
 
 def parse_worker(spec: str) -> WorkerSpec:
@@ -99,13 +60,9 @@ def parse_worker(spec: str) -> WorkerSpec:
     devices = tuple(m["devices"].split(","))
     for d in devices:
         if not _DEVICE.match(d):
-            raise ConfigError(
-                f"--worker {spec!r}: device {d!r} is not 'cpu', 'cuda' or 'cuda:N'; "
-                f"expected {WORKER_SYNTAX}"
-            )
-    canonical = ["cuda:0" if d == "cuda" else d for d in devices]
-    if len(set(canonical)) != len(canonical):
-        raise ConfigError(f"--worker {spec!r}: a device is listed twice in {list(devices)}")
+            raise ConfigError(f"--worker {spec!r}: device {d!r} is not cpu, cuda or cuda:N")
+    if len({"cuda:0" if d == "cuda" else d for d in devices}) != len(devices):
+        raise ConfigError(f"--worker {spec!r}: a device is listed twice")
     return WorkerSpec(m["id"], m["address"], devices)
 
 
@@ -115,16 +72,9 @@ def parse_workers(specs: Sequence[str] | None) -> tuple[WorkerSpec, ...]:
         raise ConfigError(f"--worker: give at least one, as {WORKER_SYNTAX}")
     workers = tuple(parse_worker(s) for s in specs)
     for attr in ("id", "address"):
-        seen: set[str] = set()
-        for w in workers:
-            value = getattr(w, attr)
-            if value in seen:
-                raise ConfigError(f"--worker: {attr} {value!r} is given twice; expected distinct")
-            seen.add(value)
+        if len({getattr(w, attr) for w in workers}) != len(workers):
+            raise ConfigError(f"--worker: two workers have the same {attr}")
     return workers
-
-
-# --- Checkpoint sizes (headers only) -------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -143,12 +93,11 @@ class ExpertSizes:
         return sum(sum(v) for v in self.nbytes.values())
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
+def _header(path: Path) -> dict[str, Any]:
     """A safetensors file's JSON header: key -> {dtype, shape, data_offsets}."""
     try:
         with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return json.loads(f.read(n))
+            return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
     except (OSError, struct.error, ValueError) as exc:
         raise ConfigError(f"--checkpoint: cannot read the header of {str(path)!r}: {exc}") from None
 
@@ -162,78 +111,25 @@ def read_expert_sizes(checkpoint: str | Path) -> ExpertSizes:
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: {str(path)!r} is not a directory")
     try:
-        layout = read_layout(path)
-        files = weight_map(path)
+        layout, files = read_layout(path), weight_map(path)
     except ConfigError as exc:
         raise ConfigError(f"--checkpoint: {str(exc).removeprefix('model.checkpoint: ')}") from None
-    model = layout.model
-    layers, num = tuple(model["moe_layers"]), int(model["num_experts"])
-    headers: dict[str, dict[str, Any]] = {}
-    nbytes: dict[int, tuple[int, ...]] = {}
-    for layer in layers:
-        sizes = []
-        for e in range(num):
-            total = 0
-            for key in layout.expert_keys(layer, e).values():
-                if key not in files:
-                    raise ConfigError(
-                        f"--checkpoint: tensor {key!r} (layer {layer}, expert {e}) is missing "
-                        f"from {str(path)!r}"
-                    )
-                file = files[key]
-                if file not in headers:
-                    headers[file] = _safetensors_header(path / file)
-                start, end = headers[file][key]["data_offsets"]
-                total += end - start
-            sizes.append(total)
-        nbytes[layer] = tuple(sizes)
-    return ExpertSizes(path, layout.family, layers, num, int(model["top_k"]), nbytes)
+    headers: dict[str, dict[str, Any]] = {}  # file -> its header, read once
 
+    def expert_bytes(layer: int, expert: int) -> int:
+        total = 0
+        for key in layout.expert_keys(layer, expert).values():
+            if key not in files:
+                raise ConfigError(f"--checkpoint: tensor {key!r} is missing from {str(path)!r}")
+            if files[key] not in headers:
+                headers[files[key]] = _header(path / files[key])
+            start, end = headers[files[key]][key]["data_offsets"]
+            total += end - start
+        return total
 
-# --- Routing traces ------------------------------------------------------------------------
-
-
-def _counts(value: Any, num_experts: int, where: str) -> list[float]:
-    """Pairs per expert from ids [T, K] (2-D integer tensor) or counts [E] (1-D / list / dict)."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        if value.dim() >= 2:
-            if value.dtype.is_floating_point or value.dtype == torch.bool:
-                raise ConfigError(f"{where}: expected integer expert ids [T, K], got {value.dtype}")
-            ids = value.reshape(-1).long()
-            ids = ids[ids >= 0]  # negative ids mark no expert
-            if ids.numel() and int(ids.max()) >= num_experts:
-                raise ConfigError(
-                    f"{where}: expert id {int(ids.max())} is out of range; the checkpoint has "
-                    f"{num_experts} experts"
-                )
-            return torch.bincount(ids, minlength=num_experts).double().tolist()
-        if value.dim() != 1:
-            raise ConfigError(
-                f"{where}: expected expert ids [T, K] or counts [{num_experts}], "
-                f"got shape {list(value.shape)}"
-            )
-        value = value.double().tolist()
-    if isinstance(value, Mapping):
-        out = [0.0] * num_experts
-        for k, v in value.items():
-            e = _int(k, f"{where}: expert")
-            if not 0 <= e < num_experts:
-                raise ConfigError(f"{where}: expert {e} is out of range 0..{num_experts - 1}")
-            out[e] = float(v)
-        value = out
-    if not isinstance(value, list | tuple) or len(value) != num_experts:
-        raise ConfigError(
-            f"{where}: expected expert ids [T, K] or {num_experts} counts, got {_brief(value)}"
-        )
-    try:
-        counts = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: counts must be numbers, got {_brief(value)}") from None
-    if any(c < 0 or not math.isfinite(c) for c in counts):
-        raise ConfigError(f"{where}: counts must be finite and >= 0")
-    return counts
+    n, layers = int(layout.model["num_experts"]), tuple(layout.model["moe_layers"])
+    sizes = {la: tuple(expert_bytes(la, e) for e in range(n)) for la in layers}
+    return ExpertSizes(path, layout.family, layers, n, int(layout.model["top_k"]), sizes)
 
 
 def _int(v: Any, what: str) -> int:
@@ -243,52 +139,63 @@ def _int(v: Any, what: str) -> int:
         raise ConfigError(f"{what} {v!r} is not an integer") from None
 
 
-def _brief(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _counts(value: Any, num_experts: int, where: str) -> list[float]:
+    """Pairs per expert from expert ids [T, K] (integer tensor) or counts (tensor, list, dict)."""
+    import torch
+
+    if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        if value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise ConfigError(f"{where}: expected integer expert ids [T, K], got {value.dtype}")
+        ids = value[value >= 0].long()  # negative ids mark no expert
+        if ids.numel() and int(ids.max()) >= num_experts:
+            raise ConfigError(f"{where}: expert id {int(ids.max())} is out of range")
+        return torch.bincount(ids, minlength=num_experts).double().tolist()
+    if isinstance(value, torch.Tensor):
+        value = value.double().tolist()
+    if isinstance(value, Mapping):
+        by_id = {_int(k, f"{where}: expert"): v for k, v in value.items()}
+        if not all(0 <= e < num_experts for e in by_id):
+            raise ConfigError(f"{where}: expert ids must be in 0..{num_experts - 1}")
+        value = [by_id.get(e, 0) for e in range(num_experts)]
+    if not isinstance(value, list | tuple) or len(value) != num_experts:
+        raise ConfigError(f"{where}: expected expert ids [T, K] or {num_experts} counts")
+    try:
+        counts = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: counts must be numbers, got {value!r:.60}") from None
+    if not all(math.isfinite(c) and c >= 0 for c in counts):
+        raise ConfigError(f"{where}: counts must be finite and >= 0")
+    return counts
 
 
 def load_trace(path: str | Path, sizes: ExpertSizes) -> dict[int, list[float]]:
     """Read a routing trace: layer -> token-expert pairs per expert (only the traced layers).
 
-    Formats: a `torch.save` file of {layer: expert_ids [T, K] integer tensor} (what
-    `record_trace` writes; a 1-D tensor [E] is read as counts), or a JSON file of
-    {"layer": [count per expert]} (or {"layer": {"expert": count}}).
+    Formats: `torch.save` of {layer: expert_ids [T, K] integer tensor} (what `record_trace`
+    writes; a 1-D tensor is read as counts), or JSON of {"layer": [count per expert]} or
+    {"layer": {"expert": count}}.
     """
     import torch
 
-    p = Path(path)
-    where = f"--trace {str(p)!r}"
+    p, where = Path(path), f"--trace {str(path)!r}"
     if not p.is_file():
         raise ConfigError(f"{where}: no such file")
-    raw: Any = None
-    if p.suffix.lower() != ".json":
-        try:
-            raw = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:
-            raw = None
-    if raw is None:
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch.save file: JSON, then
         try:
             raw = json.loads(p.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"{where}: neither a torch.save file of {{layer: expert_ids [T, K]}} nor JSON of "
-                f"{{layer: counts per expert}}: {exc}"
-            ) from None
+            raise ConfigError(f"{where}: neither a torch.save trace nor JSON: {exc}") from None
     if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError(
-            f"{where}: expected a non-empty mapping {{layer: ...}}, got {_brief(raw)}"
-        )
+        raise ConfigError(f"{where}: expected a non-empty mapping {{layer: ...}}, got {raw!r:.60}")
     out: dict[int, list[float]] = {}
     for key, value in raw.items():
         layer = _int(key, f"{where}: layer")
         if layer not in sizes.layers:
-            raise ConfigError(
-                f"{where}: layer {layer} is not a MoE layer of the checkpoint; its MoE layers: "
-                f"{list(sizes.layers)}"
-            )
+            raise ConfigError(f"{where}: layer {layer} is not a MoE layer {list(sizes.layers)}")
         out[layer] = _counts(value, sizes.num_experts, f"{where}: layer {layer}")
-    if sum(sum(c) for c in out.values()) <= 0:
+    if sum(map(sum, out.values())) <= 0:
         raise ConfigError(f"{where}: the trace holds no token-expert pairs")
     return dict(sorted(out.items()))
 
@@ -299,37 +206,27 @@ def record_trace(
     layers: Iterable[int],
     path: str | Path | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Record a routing trace from a running service; return pairs per expert per layer.
+    """Run `client.infer(x, layer=l, return_routing=True)` for every input on every layer, save
+    {layer: expert_ids [T, K] int64} to `path` (the `--trace` format), return pairs per expert.
 
-    Runs `client.infer(x, layer=l, return_routing=True)` for every input x [..., H] on every
-    layer l (`inputs` may instead map each layer to its own inputs, e.g. hidden states captured
-    at that layer), accumulates the routed pairs, and, if `path` is given, `torch.save`s
-    {layer: expert_ids [T, K] int64} there: the trace format `moe-serve placement --trace` reads.
+    `inputs`: hidden states [..., H] used on every layer, or {layer: [tensors]} per layer.
     """
     import torch
 
-    per_layer = inputs if isinstance(inputs, Mapping) else None
-    shared = None if per_layer is not None else list(inputs)
-    ids: dict[int, torch.Tensor] = {}
-    counts: dict[int, torch.Tensor] = {}
+    shared = None if isinstance(inputs, Mapping) else list(inputs)
+    ids, counts = {}, {}
     for layer in layers:
-        chunks: list[torch.Tensor] = []
-        batches = per_layer[layer] if per_layer is not None else shared
-        for x in batches or ():
+        chunks, num = [], 0
+        for x in inputs[layer] if shared is None else shared:  # type: ignore[index]
             _, routing = client.infer(x, layer=layer, return_routing=True)
-            e = routing.expert_ids.reshape(-1, routing.expert_ids.shape[-1]).to(torch.int64)
-            chunks.append(e)
+            chunks.append(routing.expert_ids.reshape(-1, routing.expert_ids.shape[-1]).long())
             num = routing.scores.shape[-1]
-            got = torch.bincount(e[e >= 0], minlength=num)
-            counts[layer] = counts[layer] + got if layer in counts else got
         if chunks:
             ids[layer] = torch.cat(chunks)
+            counts[layer] = torch.bincount(ids[layer][ids[layer] >= 0], minlength=num)
     if path is not None:
         torch.save(ids, Path(path))
     return counts
-
-
-# --- The plan ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -359,539 +256,164 @@ class Plan:
     replicas: Mapping[int, Mapping[int, tuple[str, ...]]]  # layer -> expert -> workers (>1)
     traced_layers: tuple[int, ...]  # layers balanced from a trace (empty: bytes plan)
     byte_balanced_max: int  # busiest device's bytes in the byte-balanced plan
-    memory_cap: int | None  # trace plans: the bound every device's bytes stays under
+    memory_cap: int | None  # trace plans: the bytes every device should stay under
     busiest_share: Mapping[int, float]  # layer -> busiest device's share of the layer's pairs
 
     def worker_experts(self, worker: str) -> list[int] | dict[int, list[int]]:
-        """The `experts` value of the world config: a list if the same on every layer."""
-        per_layer = self.experts[worker]
-        lists = [list(per_layer[la]) for la in self.sizes.layers]
-        if all(x == lists[0] for x in lists):
-            return lists[0]
-        return {la: list(per_layer[la]) for la in self.sizes.layers}
+        """The `experts` value of the world config: a flat list if the same on every layer."""
+        lists = {la: list(ids) for la, ids in self.experts[worker].items()}
+        first = lists[self.sizes.layers[0]]
+        return first if all(v == first for v in lists.values()) else lists
 
     def world(self, master_listen: str = DEFAULT_MASTER_LISTEN) -> dict[str, Any]:
         """The world config as a mapping (what `parse_config` takes)."""
-        return {
-            "model": {"checkpoint": str(self.sizes.checkpoint)},
-            "master": {"listen": master_listen},
-            "workers": [
-                {
-                    "id": w.id,
-                    "address": w.address,
-                    "devices": list(w.devices),
-                    "experts": self.worker_experts(w.id),
-                }
-                for w in self.workers
-            ],
-        }
+        workers = [
+            {"id": w.id, "address": w.address, "devices": list(w.devices)}
+            | {"experts": self.worker_experts(w.id)}
+            for w in self.workers
+        ]
+        model = {"checkpoint": str(self.sizes.checkpoint)}
+        return {"model": model, "master": {"listen": master_listen}, "workers": workers}
 
     def table(self) -> str:
-        """Per device: experts, GB, expected token share; then the balance and the replicas."""
+        """Per device: experts, GB, expected token share, ids; then the summary lines."""
         basis = "trace" if self.traced_layers else "uniform routing"
         rows = [("worker", "device", "experts", "GB", f"token share ({basis})", "ids (layer:ids)")]
         for d in self.devices:
             ids = " ".join(f"{la}:{','.join(map(str, v))}" for la, v in d.experts.items() if v)
-            rows.append(
-                (
-                    d.worker,
-                    d.device,
-                    str(d.num_experts),
-                    f"{d.nbytes / 1e9:.4g}",
-                    f"{100 * d.share:.1f}%",
-                    ids if len(ids) <= 48 else ids[:45] + "...",
-                )
-            )
+            ids = ids if len(ids) <= 48 else ids[:45] + "..."
+            gb, share = f"{d.nbytes / 1e9:.4g}", f"{100 * d.share:.1f}%"
+            rows.append((d.worker, d.device, str(d.num_experts), gb, share, ids))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [
-            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-        ]
-        lines.extend(self.summary())
-        return "\n".join(lines)
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        return "\n".join([line.rstrip() for line in lines] + self.summary())
 
     def summary(self) -> list[str]:
-        nb = [d.nbytes for d in self.devices]
-        one = max(max(v) for v in self.sizes.nbytes.values())
+        """Bytes spread, memory cap, busiest device per layer, untraced layers, replicas."""
+        nb, one = [d.nbytes for d in self.devices], max(map(max, self.sizes.nbytes.values()))
         out = [
             f"bytes per device: max {max(nb) / 1e9:.4g} GB, min {min(nb) / 1e9:.4g} GB, "
             f"max-min {(max(nb) - min(nb)) / one:.2f} experts (one expert: {one / 1e9:.4g} GB)"
         ]
         if self.memory_cap is not None:
+            over = "; EXCEEDED (see docs/placement.md)" if max(nb) > self.memory_cap else ""
             out.append(
                 f"memory cap: {self.memory_cap / 1e9:.4g} GB per device (byte-balanced max "
-                f"{self.byte_balanced_max / 1e9:.4g} GB + tolerance)"
+                f"{self.byte_balanced_max / 1e9:.4g} GB + tolerance){over}"
             )
-        even = 100 / len(self.devices)
         shares = ", ".join(f"{la}: {100 * s:.1f}%" for la, s in self.busiest_share.items())
-        out.append(f"busiest device per layer ({even:.1f}% is an even split): {shares}")
-        if self.traced_layers and len(self.traced_layers) < len(self.sizes.layers):
-            rest = [la for la in self.sizes.layers if la not in self.traced_layers]
-            out.append(f"layers without trace (uniform routing assumed): {rest}")
+        out.append(f"busiest device per layer ({100 / len(nb):.1f}% is an even split): {shares}")
+        untraced = [la for la in self.sizes.layers if la not in self.traced_layers]
+        if self.traced_layers and untraced:
+            out.append(f"layers without trace (uniform routing assumed): {untraced}")
         for la, reps in self.replicas.items():
-            for e, ws in reps.items():
-                out.append(f"replica: layer {la} expert {e} on {', '.join(ws)}")
+            out += [f"replica: layer {la} expert {e} on {', '.join(ws)}" for e, ws in reps.items()]
         return out
 
 
-# --- Search state --------------------------------------------------------------------------
+def _place_layer(
+    workers: Sequence[WorkerSpec],
+    dev_bytes: list[list[float]],
+    nbytes: Sequence[int],
+    weight: Sequence[float],
+    copies: Sequence[int],
+    budget: float | None,
+) -> list[list[int]]:
+    """One layer's list per worker, handed out a round at a time; adds to `dev_bytes`.
 
-
-class _State:
-    """Each worker's ordered expert list per layer and the loads it implies.
-
-    Position i of worker w's list is device `wdev[w][i % len(wdev[w])]`, as in
-    `device_assignment`. B: bytes per device (all layers); T[layer]: pairs per device.
+    1. Queue every copy of every expert, heaviest `weight` first (ties: lower id).
+    2. Each worker proposes a round: the first len(devices) queued experts it does not hold, on
+       the devices its list fills next. Byte plans (`budget` None) keep queue order; trace plans
+       put the heaviest on the device with the fewest pairs (ties: fewer bytes, later device).
+    3. The round with the lowest score wins, comparing in turn: bytes over the memory `budget`;
+       the load of the busiest device it fills, afterwards (byte plans: bytes over all layers;
+       trace plans: this layer's pairs); full rounds first; more devices first; more bytes
+       first (trace plans; byte plans are decided by then); the earlier worker.
+    4. Append the winning round to its worker's list, take it off the queue; repeat.
     """
+    queue = sorted((e for e, c in enumerate(copies) for _ in range(c)), key=lambda e: -weight[e])
+    lists: list[list[int]] = [[] for _ in workers]
+    pairs = [[0.0] * len(w.devices) for w in workers]  # this layer's weight per device
+    load = dev_bytes if budget is None else pairs
 
-    def __init__(
-        self,
-        workers: Sequence[WorkerSpec],
-        sizes: ExpertSizes,
-        tokens: Mapping[int, Sequence[float]],
-        copies: Mapping[int, Sequence[int]],
-    ) -> None:
-        self.layers = sizes.layers
-        self.wdev: list[list[int]] = []
-        self.dev_worker: list[int] = []
-        self.dev_slot: list[int] = []
-        for w, spec in enumerate(workers):
-            self.wdev.append(
-                list(range(len(self.dev_worker), len(self.dev_worker) + len(spec.devices)))
-            )
-            self.dev_worker += [w] * len(spec.devices)
-            self.dev_slot += list(range(len(spec.devices)))
-        self.n_dev, self.n_workers = len(self.dev_worker), len(workers)
-        self.copies = {la: list(copies[la]) for la in self.layers}
-        self.nb = {la: [float(b) for b in sizes.nbytes[la]] for la in self.layers}
-        self.tok = {
-            la: [t / c for t, c in zip(tokens[la], copies[la], strict=True)] for la in self.layers
-        }
-        self.lists: dict[int, list[list[int]]] = {la: [[] for _ in workers] for la in self.layers}
-        self.held: dict[int, list[set[int]]] = {la: [set() for _ in workers] for la in self.layers}
-        self.B = [0.0] * self.n_dev
-        self.T = {la: [0.0] * self.n_dev for la in self.layers}
+    def propose(w: int) -> tuple[tuple[float, ...], list[tuple[int, int]]] | None:
+        n, held = len(workers[w].devices), set(lists[w])
+        rnd = list(dict.fromkeys(e for e in queue if e not in held))[:n]
+        slots = [(len(lists[w]) + i) % n for i in range(len(rnd))]
+        if budget is not None:
+            emptiest = sorted(slots, key=lambda k: (pairs[w][k], dev_bytes[w][k], -k))
+            paired = dict(zip(emptiest, rnd, strict=True))  # device -> expert
+            rnd = [paired[k] for k in slots]
+        if not rnd:
+            return None
+        deal = list(zip(slots, rnd, strict=True))
+        byte_peak = max(dev_bytes[w][k] + nbytes[e] for k, e in deal)
+        over = 0.0 if budget is None else max(0.0, byte_peak - budget)
+        peak, short = max(load[w][k] + weight[e] for k, e in deal), len(deal) < n
+        return (over, peak, short, -n, -byte_peak, w), deal
 
-    def device(self, w: int, i: int) -> int:
-        return self.wdev[w][i % len(self.wdev[w])]
-
-    def append(self, layer: int, w: int, e: int) -> None:
-        d = self.device(w, len(self.lists[layer][w]))
-        self.lists[layer][w].append(e)
-        self.held[layer][w].add(e)
-        self.B[d] += self.nb[layer][e]
-        self.T[layer][d] += self.tok[layer][e]
-
-    def clone(self) -> _State:
-        new = copy.copy(self)
-        new.lists = {la: [list(x) for x in v] for la, v in self.lists.items()}
-        new.held = {la: [set(x) for x in v] for la, v in self.held.items()}
-        new.B = list(self.B)
-        new.T = {la: list(v) for la, v in self.T.items()}
-        return new
-
-    def adopt(self, other: _State) -> None:
-        """Take `other`'s lists and loads, in place (callers may hold the load lists)."""
-        self.B[:] = other.B
-        for la in self.layers:
-            self.T[la][:] = other.T[la]
-            for w in range(self.n_workers):
-                self.lists[la][w][:] = other.lists[la][w]
-                self.held[la][w].clear()
-                self.held[la][w].update(other.held[la][w])
-
-    def load_lists(self, lists: Mapping[int, Sequence[Sequence[int]]]) -> None:
-        for la in self.layers:
-            for w, lst in enumerate(lists[la]):
-                for e in lst:
-                    self.append(la, w, e)
+    while queue:
+        score, deal = min(filter(None, map(propose, range(len(workers)))))
+        w = score[-1]
+        for k, e in deal:
+            pairs[w][k] += weight[e]
+            dev_bytes[w][k] += nbytes[e]
+            lists[w].append(e)
+            queue.remove(e)
+    return lists
 
 
-def _greedy(st: _State, by_bytes: bool, cap: float) -> bool:
-    """Largest item first, to the worker whose next round-robin device is least loaded.
-
-    by_bytes: least bytes (then fewest pairs of that layer); else: fewest pairs of that layer
-    (then least bytes), among devices that stay within `cap` bytes. False if an item fits nowhere.
-    """
-    items = [
-        (la, e) for la in st.layers for e in range(len(st.nb[la])) for _ in range(st.copies[la][e])
+def _place(
+    sizes: ExpertSizes,
+    workers: Sequence[WorkerSpec],
+    weight: Mapping[int, Sequence[float]],
+    copies: _PerLayer,
+    cap: int | None = None,
+) -> tuple[_PerLayer, float]:
+    """Every layer's lists (`_place_layer`) and the busiest device's bytes. With `cap`, the cap is
+    spent evenly over the layers: once a share s of all bytes is placed, the budget is s x cap."""
+    dev_bytes = [[0.0] * len(w.devices) for w in workers]
+    layer_bytes = [
+        sum(map(math.prod, zip(sizes.nbytes[la], copies[la], strict=True))) for la in sizes.layers
     ]
-    if by_bytes:
-        items.sort(key=lambda it: (-st.nb[it[0]][it[1]], it[0], it[1]))
-    else:
-        items.sort(key=lambda it: (-st.tok[it[0]][it[1]], -st.nb[it[0]][it[1]], it[0], it[1]))
-    for la, e in items:
-        b, t = st.nb[la][e], st.tok[la][e]
-        best: tuple[tuple[float, float, int], int] | None = None
-        for w in range(st.n_workers):
-            if e in st.held[la][w]:
-                continue
-            d = st.device(w, len(st.lists[la][w]))
-            if st.B[d] + b > cap:
-                continue
-            key = (
-                (st.B[d] + b, st.T[la][d] + t, d) if by_bytes else (st.T[la][d] + t, st.B[d] + b, d)
-            )
-            if best is None or key < best[0]:
-                best = (key, w)
-        if best is None:
-            return False
-        st.append(la, best[1], e)
-    return True
+    lists = {}
+    for i, la in enumerate(sizes.layers):
+        budget = None if cap is None else cap * sum(layer_bytes[: i + 1]) / sum(layer_bytes)
+        args = (sizes.nbytes[la], weight[la], copies[la], budget)
+        lists[la] = _place_layer(workers, dev_bytes, *args)
+    return lists, max(map(max, dev_bytes))
 
 
-def _descend(st: _State, by_bytes: bool, cap: float) -> None:
-    """Apply improving swaps and relocations until none is left.
-
-    by_bytes: the loads are bytes per device over all layers; else: pairs per device, layer by
-    layer, with bytes held under `cap`. A move is taken if it lowers the sum of squared loads
-    and leaves no device it touches above the device it relieves.
-    """
-    scopes = [(st.layers, st.B)] if by_bytes else [((la,), st.T[la]) for la in st.layers]
-    for layers, load in scopes:
-        for _ in range(_MAX_MOVES):
-            if not _improve_once(st, layers, load, by_bytes, cap):
-                break
-
-
-def _block_transfers(st: _State) -> bool:
-    """Bytes plans: move the last m >= 2 entries of a layer's list to another worker.
-
-    Within a worker of D devices, the first device's count minus the last's is the number of
-    layers whose count is not a multiple of D; moving m entries at once (m up to the largest D)
-    changes a count by a whole block where single moves would each unbalance the worker. Same
-    acceptance rule as `_descend`. True if any was applied.
-    """
-    applied = False
-    W, M = st.n_workers, max(len(d) for d in st.wdev)
-    for la in st.layers:
-        for a in range(W):
-            for b in range(W):
-                for m in range(2, M + 1):
-                    if a != b and _accept(st.B, _transfer(st, la, a, b, m, st.nb[la])):
-                        _apply_transfer(st, la, a, b, m)
-                        applied = True
-    if applied or W * W * len(st.layers) ** 2 * M * M > _EXCHANGE_BUDGET:
-        return applied
-    # Block exchanges: m1 entries a -> b on one layer, m2 entries b -> a on another.
-    peak = max(st.B)
-    hot = {st.dev_worker[d] for d in range(st.n_dev) if st.B[d] >= peak}
-    for a in sorted(hot):
-        for b in range(W):
-            for l1 in st.layers:
-                for l2 in st.layers:
-                    if a == b or l1 == l2:
-                        continue
-                    for m1 in range(1, M + 1):
-                        for m2 in range(1, M + 1):
-                            t1 = _transfer(st, l1, a, b, m1, st.nb[l1])
-                            t2 = _transfer(st, l2, b, a, m2, st.nb[l2])
-                            if t1 and t2 and _accept(st.B, [*t1, *t2]):
-                                _apply_transfer(st, l1, a, b, m1)
-                                _apply_transfer(st, l2, b, a, m2)
-                                return True
-    return False
-
-
-def _augment(st: _State, tries: int = 8) -> bool:
-    """Bytes plans: relieve a busiest device through a chain of single-entry transfers.
-
-    Edge X -> Y: the last entry of worker a's list on some layer sits on X and would land on Y
-    as worker b's next entry. A chain of such transfers on different layers moves an entry's
-    bytes from its first device to its last, leaving the devices in between as they were: what
-    a single move cannot do when the busiest device's worker has no layer ending on it. Search
-    breadth-first from the busiest devices; keep the first chain that, tried on a copy, lowers
-    the sum of squares without raising the busiest device.
-    """
-    edges: dict[int, list[tuple[int, int, int, int]]] = {}
-    for la in st.layers:
-        for a in range(st.n_workers):
-            lst = st.lists[la][a]
-            if not lst:
-                continue
-            x = st.device(a, len(lst) - 1)
-            for b in range(st.n_workers):
-                if b != a and lst[-1] not in st.held[la][b]:
-                    y = st.device(b, len(st.lists[la][b]))
-                    edges.setdefault(x, []).append((la, a, b, y))
-    peak = max(st.B)
-    # Breadth-first over (device, path): a path never touches a worker's list on a layer twice,
-    # so the edges computed above stay exact along it. Nodes: (device, layer arrived by).
-    queue: deque[tuple[int, _Chain]] = deque((d, ()) for d in range(st.n_dev) if st.B[d] >= peak)
-    seen: set[tuple[int, int]] = set()
-    ends: list[_Chain] = []
-    while queue and len(ends) < tries:
-        x, path = queue.popleft()
-        used = {(la, w) for la, a, b in path for w in (a, b)}
-        for la, a, b, y in edges.get(x, ()):
-            if (y, la) in seen or (la, a) in used or (la, b) in used or len(path) >= 6:
-                continue
-            seen.add((y, la))
-            longer = (*path, (la, a, b))
-            queue.append((y, longer))
-            if st.B[y] + st.nb[la][st.lists[la][a][-1]] < peak:
-                ends.append(longer)
-    for path in ends:
-        trial = st.clone()
-        for la, a, b in path:
-            if _transfer(trial, la, a, b, 1, trial.nb[la]) is None:
-                break
-            _apply_transfer(trial, la, a, b, 1)
-        else:
-            if max(trial.B) <= peak and _ssq(trial.B) < _ssq(st.B) - 1e-9 * (1.0 + peak) ** 2:
-                st.adopt(trial)
-                return True
-    return False
-
-
-def _ssq(values: Iterable[float]) -> float:
-    return sum(x * x for x in values)
-
-
-def _transfer(
-    st: _State, la: int, a: int, b: int, m: int, weight: Sequence[float]
-) -> list[tuple[int, float]] | None:
-    """Load changes of moving the last m entries of worker a's list to the end of b's."""
-    src, dst = st.lists[la][a], st.lists[la][b]
-    if m > len(src) or any(e in st.held[la][b] for e in src[len(src) - m :]):
-        return None
-    out = []
-    for j, e in enumerate(src[len(src) - m :]):
-        out.append((st.device(a, len(src) - m + j), -weight[e]))
-        out.append((st.device(b, len(dst) + j), weight[e]))
-    return out
-
-
-def _apply_transfer(st: _State, la: int, a: int, b: int, m: int) -> None:
-    src = st.lists[la][a]
-    moved = src[len(src) - m :]
-    for vec, wt in ((st.B, st.nb[la]), (st.T[la], st.tok[la])):
-        for d, x in _merge(_transfer(st, la, a, b, m, wt) or ()).items():
-            vec[d] += x
-    del src[len(src) - m :]
-    st.lists[la][b].extend(moved)
-    st.held[la][a].difference_update(moved)
-    st.held[la][b].update(moved)
-
-
-def _accept(load: Sequence[float], moves: Sequence[tuple[int, float]] | None) -> bool:
-    """A move lowers the sum of squared loads and lifts no device above the busiest one."""
-    if not moves:
-        return False
-    delta = _merge(moves)
-    peak = max(load)
-    if any(load[d] + x > peak for d, x in delta.items() if x > 0):
-        return False
-    gain = sum((load[d] + x) ** 2 - load[d] ** 2 for d, x in delta.items())
-    return gain < -1e-9 * (1.0 + peak) ** 2
-
-
-def _improve_once(
-    st: _State, layers: Sequence[int], load: list[float], by_bytes: bool, cap: float
-) -> bool:
-    """Apply the best move that relieves the busiest device that can be relieved."""
-    order = sorted(range(st.n_dev), key=lambda d: (-load[d], d))
-    eps = 1e-9 * (1.0 + load[order[0]]) ** 2
-    index: dict[int, list[_Entries]] = {}
-    for d1 in order:
-        top = load[d1]
-        w, k = st.dev_worker[d1], st.dev_slot[d1]
-        lighter = [d for d in reversed(order) if load[d] < top]
-        best: tuple[float, Any] | None = None
-        for la in layers:
-            weight = st.nb[la] if by_bytes else st.tok[la]
-            if la not in index:
-                index[la] = _device_index(st, la, weight)
-            for i in range(k, len(st.lists[la][w]), len(st.wdev[w])):
-                for found in (
-                    _best_relocation(st, la, w, i, load, weight, by_bytes, cap, top, eps),
-                    _best_swap(st, la, w, i, lighter, index[la], load, weight, by_bytes, cap, eps),
-                ):
-                    if found is not None and (best is None or found[0] < best[0]):
-                        best = found
-        if best is not None:
-            best[1]()
-            return True
-    return False
-
-
-def _device_index(st: _State, la: int, weight: Sequence[float]) -> list[_Entries]:
-    """Per device: its entries on layer la as (weights sorted, (worker, position) in that order)."""
-    rows: list[list[tuple[float, int, int]]] = [[] for _ in range(st.n_dev)]
-    for w, lst in enumerate(st.lists[la]):
-        for j, e in enumerate(lst):
-            rows[st.device(w, j)].append((weight[e], w, j))
-    out = []
-    for row in rows:
-        row.sort()
-        out.append(([x[0] for x in row], [(x[1], x[2]) for x in row]))
-    return out
-
-
-def _best_relocation(
-    st: _State,
-    la: int,
-    w: int,
-    i: int,
-    load: list[float],
-    weight: list[float],
-    by_bytes: bool,
-    cap: float,
-    top: float,
-    eps: float,
-) -> tuple[float, Any] | None:
-    """Best move of the entry at position i of worker w to another worker's next device.
-
-    The list's last entry takes position i, so the worker's round-robin shape is kept.
-    """
-    e = st.lists[la][w][i]
-    removal = _removal(st, la, w, i, weight)
-    removal_bytes = _removal(st, la, w, i, st.nb[la])
-    best: tuple[float, int] | None = None
-    for b in range(st.n_workers):
-        if b == w or e in st.held[la][b]:
-            continue
-        db = st.device(b, len(st.lists[la][b]))
-        delta = _merge([*removal, (db, weight[e])])
-        if any(load[d] + x > top for d, x in delta.items() if x > 0):
-            continue
-        gain = sum((load[d] + x) ** 2 - load[d] ** 2 for d, x in delta.items())
-        if gain >= -eps or (best is not None and gain >= best[0]):
-            continue
-        if not by_bytes:
-            mem = _merge([*removal_bytes, (db, st.nb[la][e])])
-            if any(st.B[d] + x > cap for d, x in mem.items() if x > 0):
-                continue
-        best = (gain, b)
-    if best is None:
-        return None
-    b = best[1]
-
-    def apply() -> None:
-        lst = st.lists[la][w]
-        for vec, wt in ((st.B, st.nb[la]), (st.T[la], st.tok[la])):
-            for d, x in _merge(_removal(st, la, w, i, wt)).items():
-                vec[d] += x
-        lst[i] = lst[-1]
-        lst.pop()
-        st.held[la][w].discard(e)
-        st.append(la, b, e)
-
-    return best[0], apply
-
-
-def _removal(
-    st: _State, la: int, w: int, i: int, weight: Sequence[float]
-) -> list[tuple[int, float]]:
-    """Load changes of taking position i out of worker w's list (its last entry fills the gap)."""
-    lst = st.lists[la][w]
-    last = len(lst) - 1
-    out = [(st.device(w, i), -weight[lst[i]])]
-    if i != last:
-        el = lst[last]
-        out += [(st.device(w, i), weight[el]), (st.device(w, last), -weight[el])]
-    return out
-
-
-def _best_swap(
-    st: _State,
-    la: int,
-    w: int,
-    i: int,
-    lighter: Sequence[int],
-    index: Sequence[_Entries],
-    load: list[float],
-    weight: list[float],
-    by_bytes: bool,
-    cap: float,
-    eps: float,
-) -> tuple[float, Any] | None:
-    """Best swap of the entry at position i of worker w with one on a lighter device.
-
-    Moving weight x from the lighter device d2 to d1 (x < 0) lowers the sum of squares by
-    -2x(gap + x), gap = load[d1] - load[d2], best at x = -gap/2: found by bisection in d2's
-    sorted entries, then outwards past entries that the copies or memory rule excludes.
-    """
-    lst = st.lists[la][w]
-    e, d1 = lst[i], st.device(w, i)
-    te, nb = weight[e], st.nb[la]
-    best: tuple[float, int, int] | None = None
-    for d2 in lighter:
-        keys, entries = index[d2]
-        if not keys or keys[0] >= te:
-            continue
-        gap = load[d1] - load[d2]
-        lo, hi = bisect_right(keys, te - gap), bisect_left(keys, te)
-        mid = min(max(bisect_left(keys, te - gap / 2), lo), hi)
-        left, right = mid - 1, mid
-        while left >= lo or right < hi:
-            # Take the nearer of the two frontier entries to the optimum te - gap/2.
-            if right < hi and (
-                left < lo or keys[right] - (te - gap / 2) <= (te - gap / 2) - keys[left]
-            ):
-                pick, right = right, right + 1
-            else:
-                pick, left = left, left - 1
-            w2, j = entries[pick]
-            f = st.lists[la][w2][j]
-            x = weight[f] - te
-            gain = 2 * x * (gap + x)
-            if gain >= -eps or (best is not None and gain >= best[0]):
-                break  # farther entries only gain less
-            if w2 != w and (f in st.held[la][w] or e in st.held[la][w2]):
-                continue
-            if not by_bytes:
-                xb = nb[f] - nb[e]
-                if st.B[d1] + xb > cap or st.B[d2] - xb > cap:
-                    continue
-            best = (gain, w2, j)
-            break
-    if best is None:
-        return None
-    _, w2, j = best
-
-    def apply() -> None:
-        lst2 = st.lists[la][w2]
-        f, d2 = lst2[j], st.device(w2, j)
-        st.B[d1] += nb[f] - nb[e]
-        st.B[d2] += nb[e] - nb[f]
-        tok = st.tok[la]
-        st.T[la][d1] += tok[f] - tok[e]
-        st.T[la][d2] += tok[e] - tok[f]
-        lst[i], lst2[j] = f, e
-        if w2 != w:
-            st.held[la][w].discard(e)
-            st.held[la][w].add(f)
-            st.held[la][w2].discard(f)
-            st.held[la][w2].add(e)
-
-    return best[0], apply
-
-
-def _merge(moves: Iterable[tuple[int, float]]) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for d, x in moves:
-        out[d] = out.get(d, 0.0) + x
-    return out
-
-
-def _replica_copies(
-    tokens: Mapping[int, Sequence[float]], traced: Sequence[int], extra: int, n_workers: int
-) -> dict[int, list[int]]:
-    """Copies per expert: 1, plus `extra` per traced layer, each to the expert whose copies
-    would carry the most pairs (so a very hot expert can get several), at most one per worker."""
-    copies = {la: [1] * len(t) for la, t in tokens.items()}
+def _copies(pairs: _PerLayer, traced: Sequence[int], replicas: int, workers: int) -> _PerLayer:
+    """Copies per expert: 1, plus `replicas` per traced layer, each to the expert with the most
+    pairs per copy that is not yet on every worker."""
+    copies = {la: [1] * len(p) for la, p in pairs.items()}
     for la in traced:
-        c, t = copies[la], tokens[la]
-        room = len(c) * (n_workers - 1)
-        if extra > room:
-            raise ConfigError(
-                f"--replicas: {extra} extra copies per layer do not fit; {n_workers} workers hold "
-                f"at most {room} extra copies of {len(c)} experts"
-            )
-        for _ in range(extra):
-            e = max((e for e in range(len(c)) if c[e] < n_workers), key=lambda e: t[e] / c[e])
-            c[e] += 1
+        c, p = copies[la], pairs[la]
+        for _ in range(replicas):
+            room = [e for e in range(len(c)) if c[e] < workers]
+            if not room:
+                raise ConfigError(f"--replicas: {replicas} do not fit on {workers} workers")
+            c[max(room, key=lambda e: p[e] / c[e])] += 1
     return copies
+
+
+def _devices(
+    sizes: ExpertSizes, workers: Sequence[WorkerSpec], lists: _PerLayer, per_copy: _PerLayer
+) -> tuple[tuple[DevicePlan, ...], dict[int, float]]:
+    """Each device's experts, bytes and expected pairs; each layer's busiest device's share."""
+    layers = sizes.layers
+    layer_pairs = {la: sum(per_copy[la][e] for ids in lists[la] for e in ids) for la in layers}
+    total, busiest = sum(layer_pairs.values()) or 1.0, dict.fromkeys(layers, 0.0)
+    devices = []
+    for w, spec in enumerate(workers):
+        for k, device in enumerate(spec.devices):
+            ids = {la: tuple(lists[la][w][k :: len(spec.devices)]) for la in layers}
+            tok = {la: sum(per_copy[la][e] for e in ids[la]) for la in layers}
+            busiest = {la: max(busiest[la], tok[la] / (layer_pairs[la] or 1)) for la in layers}
+            nb, t = sum(sizes.nbytes[la][e] for la in layers for e in ids[la]), sum(tok.values())
+            devices.append(DevicePlan(spec.id, device, ids, nb, t, t / total))
+    return tuple(devices), busiest
 
 
 def plan_placement(
@@ -901,147 +423,77 @@ def plan_placement(
     replicas: int = 0,
     memory_tolerance: float = DEFAULT_MEMORY_TOLERANCE,
 ) -> Plan:
-    """Plan a placement of every routed expert of `sizes` on the devices of `workers`.
+    """Place every routed expert of `sizes` on the devices of `workers` (docs/placement.md).
 
-    Without `trace`: balance bytes per device. With `trace` (layer -> pairs per expert, from
-    `load_trace`): balance pairs per device within each layer, with every device's bytes at most
-    (1 + memory_tolerance) x the byte-balanced plan's busiest device, and `replicas` extra copies
-    per traced layer of the hottest experts (the master is assumed to split an expert's pairs
-    evenly over its copies).
+    1. Pairs per expert: the trace's (untraced layers: the traced layers' mean, split evenly),
+       or 1 each without a trace; `replicas` extra copies per traced layer for the hottest.
+    2. Balance bytes (`_place`); its busiest device x (1 + memory_tolerance) is the memory cap.
+    3. With a trace, balance pairs per copy within each layer under that cap instead.
     """
-    workers = tuple(workers)
+    workers, n = tuple(workers), sizes.num_experts
     if not workers:
         raise ConfigError(f"--worker: give at least one, as {WORKER_SYNTAX}")
-    if replicas < 0:
-        raise ConfigError(f"--replicas: expected an integer >= 0, got {replicas}")
-    if replicas and trace is None:
-        raise ConfigError("--replicas: needs --trace to know which experts are hottest")
-    if replicas and len(workers) < 2:
-        raise ConfigError("--replicas: needs at least two workers (a replica is on another one)")
-    if not memory_tolerance >= 0:
-        raise ConfigError(f"--memory-tolerance: expected a fraction >= 0, got {memory_tolerance}")
-    E = sizes.num_experts
-    uniform = {la: [1.0] * E for la in sizes.layers}
-    traced = tuple(la for la in sizes.layers if trace and la in trace)
-    tokens: dict[int, list[float]] = dict(uniform)
-    if traced:
-        assert trace is not None
-        mean = sum(sum(trace[la]) for la in traced) / len(traced)
-        for la in sizes.layers:
-            tokens[la] = [float(x) for x in trace[la]] if la in traced else [mean / E] * E
-    copies = _replica_copies(tokens, traced, replicas, len(workers))
-
-    by_bytes = _State(workers, sizes, uniform, copies)
-    _greedy(by_bytes, by_bytes=True, cap=math.inf)
-    _descend(by_bytes, by_bytes=True, cap=math.inf)
-    while _block_transfers(by_bytes) or _augment(by_bytes):
-        _descend(by_bytes, by_bytes=True, cap=math.inf)
-    byte_max = int(max(by_bytes.B))
-    if not traced:
-        return _finish(by_bytes, sizes, workers, (), byte_max, None)
-
-    cap = int(byte_max * (1 + memory_tolerance))
-    st = _State(workers, sizes, tokens, copies)
-    if not _greedy(st, by_bytes=False, cap=cap):
-        # The token greedy ran out of memory somewhere: start from the byte plan (which fits).
-        st = _State(workers, sizes, tokens, copies)
-        st.load_lists(by_bytes.lists)
-    _descend(st, by_bytes=False, cap=cap)
-    return _finish(st, sizes, workers, traced, byte_max, cap)
-
-
-def _finish(
-    st: _State,
-    sizes: ExpertSizes,
-    workers: Sequence[WorkerSpec],
-    traced: tuple[int, ...],
-    byte_max: int,
-    cap: int | None,
-) -> Plan:
-    layers = sizes.layers
-    total = sum(sum(t) for t in st.T.values()) or 1.0
-    devices = []
-    for d in range(st.n_dev):
-        w, k = st.dev_worker[d], st.dev_slot[d]
-        step = len(st.wdev[w])
-        tokens = sum(st.T[la][d] for la in layers)
-        devices.append(
-            DevicePlan(
-                worker=workers[w].id,
-                device=workers[w].devices[k],
-                experts={la: tuple(st.lists[la][w][k::step]) for la in layers},
-                nbytes=int(st.B[d]),
-                tokens=tokens,
-                share=tokens / total,
-            )
+    if replicas < 0 or (replicas and (trace is None or len(workers) < 2)):
+        raise ConfigError(
+            f"--replicas: expected 0, or N > 0 with --trace and 2+ workers: {replicas}"
         )
-    replicas: dict[int, dict[int, tuple[str, ...]]] = {}
-    for la in layers:
-        for e in range(sizes.num_experts):
-            holders = tuple(workers[w].id for w in range(len(workers)) if e in st.held[la][w])
-            if len(holders) > 1:
-                replicas.setdefault(la, {})[e] = holders
-    busiest = {la: max(st.T[la]) / (sum(st.T[la]) or 1.0) for la in layers}
-    return Plan(
-        sizes=sizes,
-        workers=tuple(workers),
-        experts={
-            workers[w].id: {la: tuple(st.lists[la][w]) for la in layers}
-            for w in range(len(workers))
-        },
-        devices=tuple(devices),
-        replicas=replicas,
-        traced_layers=traced,
-        byte_balanced_max=byte_max,
-        memory_cap=cap,
-        busiest_share=busiest,
-    )
-
-
-# --- Output --------------------------------------------------------------------------------
+    if not memory_tolerance >= 0:
+        raise ConfigError(f"--memory-tolerance: expected a fraction >= 0: {memory_tolerance}")
+    traced = tuple(la for la in sizes.layers if trace and la in trace)
+    # Untraced layers get the traced layers' mean, split evenly; without a trace, 1 per expert.
+    mean = sum(sum(trace[la]) for la in traced) / len(traced) if trace and traced else n
+    pairs = {la: list(trace[la]) if la in traced else [mean / n] * n for la in sizes.layers}
+    copies = _copies(pairs, traced, replicas, len(workers))
+    lists, byte_max = _place(sizes, workers, sizes.nbytes, copies)
+    per_copy = {la: [p / c for p, c in zip(pairs[la], copies[la], strict=True)] for la in pairs}
+    cap = int(byte_max * (1 + memory_tolerance)) if traced else None
+    if cap is not None:
+        lists, _ = _place(sizes, workers, per_copy, copies, cap)
+    devices, busiest = _devices(sizes, workers, lists, per_copy)
+    experts = {s.id: {la: tuple(lists[la][w]) for la in lists} for w, s in enumerate(workers)}
+    copied = {la: [e for e, c in enumerate(copies[la]) if c > 1] for la in traced}
+    holders = {
+        la: {e: tuple(s.id for s in workers if e in experts[s.id][la]) for e in copied[la]}
+        for la in traced
+        if copied[la]
+    }
+    return Plan(sizes, workers, experts, devices, holders, traced, int(byte_max), cap, busiest)
 
 
 def render_yaml(plan: Plan, master_listen: str = DEFAULT_MASTER_LISTEN, command: str = "") -> str:
     """The world config YAML, headed by comments saying how it was made."""
     import yaml
 
-    s = plan.sizes
-    one = max(max(v) for v in s.nbytes.values())
+    s, how = plan.sizes, "expert bytes balanced per device (no routing trace)."
     if plan.traced_layers:
         how = (
-            f"expected token-expert pairs per device, balanced within each layer, from a "
-            f"routing trace (layers {list(plan.traced_layers)}); every device's bytes <= "
-            f"{plan.memory_cap / 1e9:.4g} GB (the byte-balanced plan's busiest device, "
-            f"{plan.byte_balanced_max / 1e9:.4g} GB, plus the memory tolerance)."
+            f"expected token-expert pairs per device, balanced within each layer, from a routing "
+            f"trace (layers {list(plan.traced_layers)}), under the memory cap below."
         )
-    else:
-        how = "expert bytes balanced per device (no routing trace)."
-    wrap = textwrap.TextWrapper(width=98, initial_indent="# ", subsequent_indent="#   ")
+    wrap = textwrap.TextWrapper(width=98, initial_indent="# ", subsequent_indent="#   ").wrap
     header = [
         "# World config written by `moe-serve placement` (moe_serve.planner):",
         *([f"#   {command}"] if command else []),
-        *wrap.wrap(
-            f"Checkpoint: {s.family}, MoE layers {list(s.layers)}, {s.num_experts} experts each, "
-            f"{one / 1e6:.4g} MB per expert (from the safetensors headers)."
+        *wrap(f"Checkpoint: {s.family}, MoE layers {list(s.layers)}, {s.num_experts} experts."),
+        *wrap(f"Objective: {how}"),
+        *wrap(
+            "Round-robin puts the i-th listed expert of a layer on devices[i % len(devices)]: "
+            "reordering a list moves experts between devices. An expert on two workers is a "
+            "replica (docs/placement.md)."
         ),
-        *wrap.wrap(f"Objective: {how}"),
-        "# Each worker's experts are listed so that its round-robin device assignment (the i-th",
-        "# expert of a layer on devices[i % len(devices)]) puts every expert on the device",
-        "# planned; reordering a list moves experts between devices. An expert on two workers",
-        "# is a replica.",
         "#",
         *[f"# {line}".rstrip() for line in plan.table().splitlines()],
     ]
 
-    class _Dumper(yaml.SafeDumper):  # block mappings, one-line lists of ids
+    class Dumper(yaml.SafeDumper):  # block mappings, one-line lists of ids
         pass
 
     def ids_inline(dumper: yaml.SafeDumper, v: list[Any]) -> yaml.Node:
         flat = not any(isinstance(x, list | dict) for x in v)
         return dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=flat)
 
-    _Dumper.add_representer(list, ids_inline)
-    body = yaml.dump(plan.world(master_listen), Dumper=_Dumper, sort_keys=False)
+    Dumper.add_representer(list, ids_inline)
+    body = yaml.dump(plan.world(master_listen), Dumper=Dumper, sort_keys=False)
     return "\n".join(header) + "\n" + body
 
 
@@ -1051,71 +503,46 @@ def check_round_robin(plan: Plan, world: Mapping[str, Any], base: Path | None = 
     from moe_serve.placement import device_assignment
 
     cfg = parse_config(world, "<placement>", base=base)
-    by_slot = {(d.worker, d.device): d for d in plan.devices}
+    by_slot = {(d.worker, d.device): d.experts for d in plan.devices}
     for w in cfg.workers:
         for la in cfg.model.moe_layers:
             for device, got in zip(w.devices, device_assignment(w, la), strict=True):
-                want = list(by_slot[(w.id, device)].experts.get(la, ()))
-                if got != want:
-                    raise AssertionError(
-                        f"round-robin puts {got} on {w.id} {device} layer {la}; planned {want}"
-                    )
+                if got != list(by_slot[(w.id, device)].get(la, ())):
+                    raise AssertionError(f"round-robin puts {got} on {w.id} {device}, layer {la}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `moe-serve placement` arguments."""
     p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint directory")
+    worker = f"a worker and its devices, {WORKER_SYNTAX}; repeat per worker"
+    p.add_argument("--worker", action="append", required=True, help=worker)
+    p.add_argument("--trace", help="routing trace: torch.save {layer: ids [T,K]} or JSON counts")
+    p.add_argument("--replicas", type=int, default=0, help="with --trace: extra copies per layer")
+    tolerance = "with --trace: how far bytes per device may exceed the byte plan's max (0.1)"
     p.add_argument(
-        "--worker",
-        action="append",
-        required=True,
-        metavar="ID=HOST:PORT@DEVICES",
-        help="a worker and its devices, e.g. w0=10.0.0.11:50061@cuda:0,cuda:1 (repeat per worker)",
+        "--memory-tolerance", type=float, default=DEFAULT_MEMORY_TOLERANCE, help=tolerance
     )
-    p.add_argument(
-        "--trace",
-        help="routing trace: torch.save {layer: expert_ids [T,K]} or JSON {layer: counts}",
-    )
-    p.add_argument(
-        "--replicas",
-        type=int,
-        default=0,
-        help="extra copies of the hottest experts per traced layer (needs --trace; default 0)",
-    )
-    p.add_argument(
-        "--memory-tolerance",
-        type=float,
-        default=DEFAULT_MEMORY_TOLERANCE,
-        help="with --trace: bytes per device may exceed the byte-balanced maximum by this "
-        f"fraction (default {DEFAULT_MEMORY_TOLERANCE})",
-    )
-    p.add_argument(
-        "--master-listen",
-        default=DEFAULT_MASTER_LISTEN,
-        help=f"master.listen of the world config (default {DEFAULT_MASTER_LISTEN})",
-    )
+    p.add_argument("--master-listen", default=DEFAULT_MASTER_LISTEN, help="master.listen")
     p.add_argument("--out", help="write the world config here (default: stdout, table on stderr)")
 
 
 def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces `args`, for the config's header."""
     parts = ["moe-serve", "placement", "--checkpoint", str(args.checkpoint)]
-    for w in args.worker:
-        parts += ["--worker", w]
-    if args.trace:
-        parts += ["--trace", str(args.trace)]
-    if args.replicas:
-        parts += ["--replicas", str(args.replicas)]
-    if args.trace and args.memory_tolerance != DEFAULT_MEMORY_TOLERANCE:
-        parts += ["--memory-tolerance", str(args.memory_tolerance)]
-    if args.master_listen != DEFAULT_MASTER_LISTEN:
-        parts += ["--master-listen", args.master_listen]
-    if args.out:
-        parts += ["--out", str(args.out)]
+    parts += [x for w in args.worker for x in ("--worker", w)]
+    optional = [
+        ("--trace", args.trace, None),
+        ("--replicas", args.replicas, 0),
+        ("--memory-tolerance", args.memory_tolerance, DEFAULT_MEMORY_TOLERANCE),
+        ("--master-listen", args.master_listen, DEFAULT_MASTER_LISTEN),
+        ("--out", args.out, None),
+    ]
+    parts += [x for flag, v, default in optional if v != default for x in (flag, str(v))]
     return shlex.join(parts)
 
 
 def main(args: argparse.Namespace) -> int:
-    """`moe-serve placement`: plan, print the table, write the world config."""
+    """`moe-serve placement`: plan, check, print the table, write the world config."""
     from moe_serve.config import parse_address
 
     workers = parse_workers(args.worker)
@@ -1128,15 +555,14 @@ def main(args: argparse.Namespace) -> int:
     plan = plan_placement(sizes, workers, trace, args.replicas, args.memory_tolerance)
     check_round_robin(plan, plan.world(args.master_listen))
     text = render_yaml(plan, args.master_listen, _command(args))
-    if args.out:
-        out = Path(args.out)
-        try:
-            out.write_text(text)
-        except OSError as exc:
-            raise ConfigError(f"--out: cannot write {str(out)!r}: {exc.strerror}") from None
-        print(plan.table())
-        print(f"wrote {out}")
-    else:
+    if not args.out:
         sys.stdout.write(text)
         print(plan.table(), file=sys.stderr)
+        return 0
+    try:
+        Path(args.out).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {str(args.out)!r}: {exc.strerror}") from None
+    print(plan.table())
+    print(f"wrote {args.out}")
     return 0

@@ -252,14 +252,24 @@ def test_trace_formats_agree(sizes: ExpertSizes, trace_file: Path, tmp_path: Pat
     assert load_trace(as_dict, sizes) == {0: counts[0]}
 
 
+def busiest_under(plan: Plan, counts: dict[int, list[float]], layer: int) -> float:
+    """The busiest device's share of `layer`'s traced pairs, under `plan` (no replicas)."""
+    pairs = [sum(counts[layer][e] for e in d.experts[layer]) for d in plan.devices]
+    return max(pairs) / sum(counts[layer])
+
+
 def test_hot_expert_gets_fewer_neighbours(sizes: ExpertSizes, trace_file: Path) -> None:
     workers = parse_workers(WORKERS)
+    counts = load_trace(trace_file, sizes)
     by_bytes = plan_placement(sizes, workers)
-    by_tokens = plan_placement(sizes, workers, load_trace(trace_file, sizes))
+    by_tokens = plan_placement(sizes, workers, counts)
     assert others_with_hot(by_tokens) < others_with_hot(by_bytes)
-    assert others_with_hot(by_tokens) == 0  # HOT alone on its device, on both layers
+    # The greedy gives HOT at most one neighbour per layer (HOT alone on both layers exists, but
+    # only by taking 4 experts onto one device in one layer; the greedy spends memory evenly).
+    assert others_with_hot(by_tokens) <= len(sizes.layers)
     for la in sizes.layers:
-        assert by_tokens.busiest_share[la] == pytest.approx(0.5)  # HOT alone: the best possible
+        assert by_tokens.busiest_share[la] == pytest.approx(busiest_under(by_tokens, counts, la))
+        assert 0.5 <= by_tokens.busiest_share[la] < busiest_under(by_bytes, counts, la)
     # Memory stays within the tolerance of the byte-balanced plan's busiest device.
     assert by_tokens.memory_cap == int(6 * EXPERT_BYTES * 1.1)
     assert max(d.nbytes for d in by_tokens.devices) <= by_tokens.memory_cap
