@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--requests", type=_at_least(10), default=200, help="latency samples, >= 10 (default: 200)"
     )
+    b = sub.add_parser("bench", help="moe_serve vs in-process vs torch.distributed.rpc")
+    b.add_argument("--config", required=True, type=Path, help="world config YAML")
+    b.add_argument("--json", type=Path, help="write the results here")
+    b.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    b.add_argument("--tokens", type=_at_least(1), nargs="+", default=[1, 8, 64, 512, 4096])
+    b.add_argument("--clients", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    b.add_argument("--iters", type=_at_least(2), default=20, help="timed calls per point")
+    b.add_argument("--seconds", type=float, default=2.0, help="per concurrency level")
     from moe_serve.planner import add_arguments  # stdlib imports only: cheap
 
     add_arguments(sub.add_parser("placement", help="plan a world config from a checkpoint"))
@@ -99,6 +107,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moe_serve.demo import run
 
             return run(args.devices, args.requests)
+        elif args.command == "bench":
+            from moe_serve.bench import run as bench_run
+            from moe_serve.config import load_config
+
+            bench_run(
+                args.config,
+                load_config(args.config),
+                args.json,
+                args.plot,
+                args.tokens,
+                args.clients,
+                args.iters,
+                args.seconds,
+            )
         elif args.command == "placement":
             from moe_serve.planner import main as placement_main
 

@@ -1,0 +1,317 @@
+"""`moe-serve bench`: moe_serve against the same layer in-process and over torch.distributed.rpc.
+
+One process tree, one run, the world config's weights and devices for all three:
+(a) the in-process MoE (gate and experts where the config puts them, no network),
+(b) moe_serve through the SDK (master + workers started like `moe-serve up`),
+(c) a torch.distributed.rpc baseline in the style of seed 004 (benchmarks/torch_rpc_baseline.py).
+Then a concurrency sweep at T=1 and the wire codec's GB/s. Prints a table as it goes,
+writes JSON (and a PNG plot when matplotlib is installed).
+Legend: T tokens per request, H hidden, F expert FFN, K top_k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_serve.client import AsyncMoEClient, MoEClient
+from moe_serve.config import WorldConfig
+from moe_serve.dispatch import dispatch
+from moe_serve.experts import grouped_forward, shared_forward
+from moe_serve.gating import Gate
+from moe_serve.launcher import LocalCluster
+from moe_serve.placement import Placement
+from moe_serve.weights import open_weights
+from moe_serve.wire import DTYPE_NAMES, tensor_from_pb, tensor_to_pb
+from moe_serve.worker.engine import WorkerEngine
+
+TOKENS = (1, 8, 64, 512, 4096)
+CLIENTS = (1, 2, 4, 8, 16, 32, 64)
+RPC_BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_rpc_baseline.py"
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # time whole forwards, not kernel launches
+
+
+def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> dict[str, float]:
+    """Wall time of `fn` over `iters` calls after `warmup`: p50/p99/mean in ms."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=100, method="inclusive") if len(samples) > 1 else samples
+    return {
+        "p50_ms": statistics.median(samples),
+        "p99_ms": q[-1],
+        "mean_ms": statistics.fmean(samples),
+    }
+
+
+class InProcessMoE:
+    """The served layer in this process: gate on master.device, each worker's experts on its
+    devices, tokens moved between devices with .to(); what moe_serve adds is the network."""
+
+    def __init__(self, cfg: WorldConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.master.device)
+        dtype = DTYPE_NAMES[cfg.model.dtype]
+        source = open_weights(cfg.model, cfg.routing)
+        m = cfg.model
+        self.gates = {
+            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, dtype)
+            for la in m.moe_layers
+        }
+        self.shared = {la: w for la in m.moe_layers if (w := source.shared_expert(la)) is not None}
+        self.shared = {
+            la: {k: v.to(self.device, dtype) for k, v in w.items()} for la, w in self.shared.items()
+        }
+        self.engines = [WorkerEngine(m, w, source) for w in cfg.workers]
+        self.owner = {la: t.to(self.device) for la, t in Placement.from_config(cfg).owner.items()}
+        # (worker, layer) -> expert -> (device index, slot), on master.device like the pairs.
+        self.lookup = {
+            (i, la): (e.device_of[la].to(self.device), e.slot_of[la].to(self.device))
+            for i, e in enumerate(self.engines)
+            for la in m.moe_layers
+        }
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x [T, H] on master.device -> [T, H] in the model dtype."""
+        r = self.gates[layer](x)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
+        for sl in dispatch(r, self.owner[layer], len(self.engines)):
+            device_of, slot_of = self.lookup[(sl.worker, layer)]
+            expert = sl.pair_expert.long()
+            dev_of, slot_of = device_of[expert], slot_of[expert]
+            rows = x[sl.token_index]
+            for d, stack in enumerate(self.engines[sl.worker].stacks[layer]):
+                sel = (dev_of == d).nonzero().flatten()
+                if stack is None or sel.numel() == 0:
+                    continue
+                dev = stack.device
+                part = grouped_forward(
+                    stack,
+                    rows.to(dev),
+                    sl.pair_token[sel].long().to(dev),
+                    slot_of[sel].to(dev),
+                    sl.pair_weight[sel].to(dev),
+                )
+                out.index_add_(0, sl.token_index, part.to(self.device))
+        if layer in self.shared:
+            out += shared_forward(self.cfg.model.activation, self.shared[layer], x).float()
+        return out.to(x.dtype)
+
+
+def _in_process(
+    cfg: WorldConfig, xs: dict[int, torch.Tensor], layer: int, iters: int, flops: float
+) -> list[dict[str, Any]]:
+    ref = InProcessMoE(cfg)  # freed on return, before the workers load their experts
+    return [
+        _row("in-process", T, time_calls(lambda x=x: ref.forward(x, layer), iters, 3), flops)
+        for T, x in xs.items()
+    ]
+
+
+def flops_per_token(cfg: WorldConfig) -> float:
+    """Multiply-adds x 2 of one token through the gate, its K experts and shared experts."""
+    m = cfg.model
+    per_expert = (3 if m.expert_kind == "glu" else 2) * 2 * m.hidden_size * m.expert_ffn_size
+    shared = 3 * 2 * m.hidden_size * m.shared_expert_ffn_size
+    return 2 * m.hidden_size * m.num_experts + m.top_k * per_expert + shared
+
+
+def _row(name: str, T: int, t: dict[str, float], flops: float) -> dict[str, Any]:
+    t = dict(t)
+    t["tokens_per_s"] = T / (t["mean_ms"] / 1e3)
+    t["tflops"] = flops * T / (t["mean_ms"] / 1e3) / 1e12
+    print(
+        f"  {name:14} T={T:<5} p50 {t['p50_ms']:8.3f} ms  p99 {t['p99_ms']:8.3f} ms  "
+        f"{t['tokens_per_s']:12,.0f} tok/s  {t['tflops']:7.3f} TFLOP/s",
+        flush=True,
+    )
+    return {"system": name, "tokens": T, **t}
+
+
+def concurrency_sweep(
+    address: str, hidden: int, device: str, clients: Sequence[int], seconds: float
+) -> dict[int, float]:
+    """Aggregate tokens/s of n concurrent clients each sending T=1 for `seconds`."""
+
+    async def run(n: int) -> float:
+        x = torch.randn(1, hidden, device=device)
+        conns = [AsyncMoEClient(address) for _ in range(n)]
+        done = 0
+
+        async def one(c: AsyncMoEClient) -> None:
+            nonlocal done
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                await c.infer(x)
+                done += 1
+
+        try:
+            await asyncio.gather(*(c.infer(x) for c in conns))  # connect and warm up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(c) for c in conns))
+            return done / (time.perf_counter() - t0)
+        finally:
+            await asyncio.gather(*(c.close() for c in conns))
+
+    out = {}
+    for n in clients:
+        out[n] = asyncio.run(run(n))
+        print(f"  clients={n:<3} {out[n]:10,.0f} tok/s", flush=True)
+    return out
+
+
+def wire_gbps(iters: int = 10) -> float:
+    """Encode + decode of a 4096 x 4096 bfloat16 host tensor through wire.py, in GB/s."""
+    t = torch.randn(4096, 4096).to(torch.bfloat16)
+    nbytes = t.numel() * t.element_size()
+    timing = time_calls(lambda: tensor_from_pb(tensor_to_pb(t), "t"), iters, 2)
+    return nbytes / (timing["p50_ms"] / 1e3) / 1e9
+
+
+def _torch_rpc(cfg: WorldConfig, layer: int, tokens: Sequence[int], iters: int) -> Any:
+    if not RPC_BASELINE.exists():
+        print("  (benchmarks/torch_rpc_baseline.py not found: run from a clone to include it)")
+        return None
+    # Imported by name from sys.path, so that its spawned ranks can import it too.
+    sys.path.insert(0, str(RPC_BASELINE.parent))
+    module = importlib.import_module(RPC_BASELINE.stem)
+    return module.measure_torch_rpc(cfg, layer, list(tokens), iters)
+
+
+def device_info() -> dict[str, Any]:
+    """GPU names and count, torch/CUDA versions, host."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {
+        "gpus": [torch.cuda.get_device_name(i) for i in range(n)],
+        "gpu_count": n,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host_cpus": os.cpu_count(),
+    }
+
+
+def run(
+    config_path: Path,
+    cfg: WorldConfig,
+    json_path: Path | None,
+    plot_path: Path | None,
+    tokens: Sequence[int] = TOKENS,
+    clients: Sequence[int] = CLIENTS,
+    iters: int = 20,
+    seconds: float = 2.0,
+) -> dict[str, Any]:
+    """The whole benchmark; returns (and writes) the result document."""
+    layer, dtype = cfg.model.moe_layers[0], DTYPE_NAMES[cfg.model.dtype]
+    flops, H = flops_per_token(cfg), cfg.model.hidden_size
+    rows: list[dict[str, Any]] = []
+    print(
+        f"moe-serve bench: layer {layer}, H={H}, F={cfg.model.expert_ffn_size}, "
+        f"E={cfg.model.num_experts}, K={cfg.model.top_k}, {cfg.model.dtype}",
+        flush=True,
+    )
+    xs = {T: torch.randn(T, H, device=cfg.master.device).to(dtype) for T in tokens}
+    print("(a) in-process", flush=True)
+    rows += _in_process(cfg, xs, layer, iters, flops)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the in-process experts' memory back to the workers
+    print("(b) moe_serve", flush=True)
+    with tempfile.NamedTemporaryFile(
+        "w", prefix="moe-serve-bench-", suffix=".log", delete=False
+    ) as log:
+        print(f"    (master and worker logs: {log.name})", flush=True)
+        cluster = LocalCluster(config_path, cfg, log=log, verbose=False)
+        try:
+            cluster.start()
+            with MoEClient(cluster.master_address) as client:
+                for T, x in xs.items():
+                    timing = time_calls(lambda x=x: client.infer(x, layer=layer), iters, 3)
+                    rows.append(_row("moe_serve", T, timing, flops))
+            print("    concurrency sweep at T=1", flush=True)
+            sweep = concurrency_sweep(
+                cluster.master_address, H, cfg.master.device, clients, seconds
+            )
+        finally:
+            cluster.stop()
+    print("(c) torch.distributed.rpc", flush=True)
+    rpc = _torch_rpc(cfg, layer, tokens, iters)
+    for T, t in (rpc or {}).items():
+        rows.append(
+            _row("torch_rpc", int(T), {k: t[k] for k in ("p50_ms", "p99_ms", "mean_ms")}, flops)
+        )
+    gbps = wire_gbps()
+    print(f"wire: encode+decode of 4096x4096 bfloat16: {gbps:.2f} GB/s", flush=True)
+    result = {
+        "device": device_info(),
+        "config": cfg.model_dump(mode="json", warnings=False),
+        "rows": rows,
+        "concurrency": {str(n): v for n, v in sweep.items()},
+        "summary": _summary(rows, sweep, gbps),
+        "command": " ".join(sys.argv),
+    }
+    print(json.dumps(result["summary"], indent=1), flush=True)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=1))
+    if plot_path:
+        _plot(rows, sweep, plot_path)
+    return result
+
+
+def _summary(rows: list[dict[str, Any]], sweep: dict[int, float], gbps: float) -> dict[str, Any]:
+    def at(system: str, T: int, key: str = "p50_ms") -> float | None:
+        return next((r[key] for r in rows if r["system"] == system and r["tokens"] == T), None)
+
+    serve, inproc, rpc = at("moe_serve", 4096), at("in-process", 4096), at("torch_rpc", 4096)
+    return {
+        "t4096_vs_inprocess": serve / inproc if serve and inproc else None,
+        "t4096_speedup_vs_torch_rpc": rpc / serve if serve and rpc else None,
+        "t1_p50_ms": at("moe_serve", 1),
+        "t1_p99_ms": at("moe_serve", 1, "p99_ms"),
+        "batching_gain_64": sweep[64] / sweep[1] if 64 in sweep and 1 in sweep else None,
+        "wire_gbps": gbps,
+    }
+
+
+def _plot(rows: list[dict[str, Any]], sweep: dict[int, float], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"(matplotlib is not installed: no plot at {path})")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in ("in-process", "moe_serve", "torch_rpc"):
+        pts = sorted((r["tokens"], r["p50_ms"]) for r in rows if r["system"] == system)
+        if pts:
+            a.plot(*zip(*pts, strict=True), marker="o", label=system)
+    a.set(xscale="log", yscale="log", xlabel="tokens per request", ylabel="p50 latency (ms)")
+    a.legend()
+    b.plot(list(sweep), list(sweep.values()), marker="o")
+    b.set(xscale="log", xlabel="concurrent clients (T=1)", ylabel="tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,88 @@
+"""`moe-serve bench`: one run measures all three systems and writes the summary keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe_serve.bench import InProcessMoE, flops_per_token
+from moe_serve.config import parse_config
+from moe_serve.reference import ReferenceMoE
+from tests.conftest import world
+
+SUMMARY_KEYS = {
+    "t4096_vs_inprocess",
+    "t4096_speedup_vs_torch_rpc",
+    "t1_p50_ms",
+    "t1_p99_ms",
+    "batching_gain_64",
+    "wire_gbps",
+}
+
+
+def test_in_process_path_equals_the_reference() -> None:
+    cfg = parse_config(
+        world(
+            model={"moe_layers": [0, 3], "shared_expert_ffn_size": 32},
+            workers=[
+                {"experts": [0, 1, 2, 3]},
+                {"experts": [4, 5, 6, 7], "devices": ["cpu", "cpu"]},
+            ],
+        )
+    )
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    for layer in (0, 3):
+        expected, _ = ReferenceMoE(cfg.model, cfg.routing).forward(x, layer)
+        assert (InProcessMoE(cfg).forward(x, layer) - expected).abs().max().item() <= 1e-6
+
+
+def test_flops_per_token_counts_gate_k_experts_and_shared() -> None:
+    cfg = parse_config(world(model={"expert_kind": "glu", "shared_expert_ffn_size": 32}))
+    H, F, E, K = 64, 128, 8, 2
+    assert flops_per_token(cfg) == 2 * H * E + K * 3 * 2 * H * F + 3 * 2 * H * 32
+
+
+@pytest.mark.e2e
+def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: Path) -> None:
+    path = tmp_path / "world.yaml"
+    path.write_text(yaml.safe_dump(world()))
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moe_serve",
+            "bench",
+            "--config",
+            str(path),
+            "--json",
+            str(out),
+            "--tokens",
+            "1",
+            "8",
+            "--clients",
+            "1",
+            "2",
+            "--iters",
+            "3",
+            "--seconds",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(out.read_text())
+    assert set(doc["summary"]) == SUMMARY_KEYS
+    assert doc["summary"]["t1_p50_ms"] > 0 and doc["summary"]["wire_gbps"] > 0
+    systems = {(r["system"], r["tokens"]) for r in doc["rows"]}
+    assert systems == {(s, t) for s in ("in-process", "moe_serve", "torch_rpc") for t in (1, 8)}
+    assert set(doc["concurrency"]) == {"1", "2"}
+    assert {"gpus", "gpu_count", "torch", "cuda"} <= set(doc["device"])
