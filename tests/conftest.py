@@ -50,6 +50,15 @@ class Cluster:
         return f"http://127.0.0.1:{port}/metrics"
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def world(
     model: dict[str, Any] | None = None,
     routing: dict[str, Any] | None = None,

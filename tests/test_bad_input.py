@@ -16,6 +16,7 @@ from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import tensor_to_pb
 from tests.conftest import Cluster, world
+from tests.conftest import alive as _alive
 
 pytestmark = pytest.mark.e2e
 
@@ -137,13 +138,3 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(cluster: Cluster) -> N
     assert len(errors) == 40 and max(errors) <= 1e-5
     assert cluster.proc.poll() is None
     assert all(_alive(pid) for pid in cluster.child_pids())
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

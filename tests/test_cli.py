@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import alive as _alive
 from tests.conftest import start_up, stop_up, world
 
 
@@ -85,14 +86,6 @@ def test_demo_reports_parity_and_exits_0() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parity: OK" in result.stdout
     assert "latency T=1: p50" in result.stdout and "tokens/s" in result.stdout
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("port_key", ["address", "metrics_port"])
