@@ -25,8 +25,8 @@ class Routing:
     scores: torch.Tensor  # [T, E] float32, after softmax/sigmoid
     kept: torch.Tensor  # [T, K] bool, False for pairs over capacity
     dropped_pairs: torch.Tensor  # [] int64
-    load_balance_loss: torch.Tensor  # [] float32
-    importance_loss: torch.Tensor  # [] float32
+    load_balance_loss: torch.Tensor | None  # [] float32; None unless asked for
+    importance_loss: torch.Tensor | None  # [] float32; None unless asked for
 
 
 def gate_scores(
@@ -157,8 +157,8 @@ class Gate:
             cfg=cfg,
         )
 
-    def __call__(self, x: torch.Tensor) -> Routing:
-        return route(x, self.router, self.top_k, self.cfg, self.bias)
+    def __call__(self, x: torch.Tensor, losses: bool = True) -> Routing:
+        return route(x, self.router, self.top_k, self.cfg, self.bias, losses)
 
 
 def route(
@@ -167,8 +167,13 @@ def route(
     k: int,
     cfg: RoutingConfig,
     bias: torch.Tensor | None = None,
+    losses: bool = True,
 ) -> Routing:
-    """Gate a batch: x [T, H], router [E, H], optional correction bias [E] -> Routing."""
+    """Gate a batch: x [T, H], router [E, H], optional correction bias [E] -> Routing.
+
+    losses=False skips the auxiliary losses (left None): serving needs them only when a
+    client asks for the routing.
+    """
     E = router.shape[0]
     scores = gate_scores(x, router, cfg.scoring, cfg.router_dtype)  # [T, E]
     groups = None if cfg.n_group is None else (cfg.n_group, cfg.topk_group, cfg.group_scoring)
@@ -195,6 +200,6 @@ def route(
         scores=scores,
         kept=kept,
         dropped_pairs=(~kept).sum(),
-        load_balance_loss=zero if empty else load_balance_loss(scores, ids),
-        importance_loss=zero if empty else importance_loss(scores),
+        load_balance_loss=None if not losses else zero if empty else load_balance_loss(scores, ids),
+        importance_loss=None if not losses else zero if empty else importance_loss(scores),
     )

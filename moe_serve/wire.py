@@ -31,6 +31,11 @@ if hasattr(torch, "float8_e4m3fn"):
     _TO_PB[torch.float8_e4m3fn] = pb.DTYPE_FLOAT8_E4M3
 _FROM_PB: dict[int, torch.dtype] = {v: k for k, v in _TO_PB.items()}
 
+# protobuf bytes are immutable and decoded views are only ever read (see the docstring).
+# One targeted filter at import: warnings.catch_warnings per call costs more than the
+# decode of a small tensor, and is not thread-safe.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _FROM_PB.values()}
 FLOAT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 MAX_RANK = 8
 
@@ -89,7 +94,7 @@ def tensor_from_pb(
         raise WireError(f"{field}.shape", f"rank {len(shape)} exceeds the maximum {MAX_RANK}")
     if any(d < 0 for d in shape):
         raise WireError(f"{field}.shape", f"{list(shape)} has a negative dimension")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _ITEMSIZE[dtype]
     expected = math.prod(shape) * itemsize  # Python ints: huge shapes cannot overflow
     data = msg.data  # read once: each access of a bytes field may build a new object
     if len(data) != expected:
@@ -103,8 +108,4 @@ def tensor_from_pb(
             return torch.empty(shape, dtype=dtype)
         except RuntimeError:  # zero-size, but the other dims overflow torch's size arithmetic
             raise WireError(f"{field}.shape", f"{list(shape)} is too large") from None
-    with warnings.catch_warnings():
-        # protobuf bytes are immutable; the view is only ever read (see module docstring).
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(data, dtype=dtype)
-    return flat.view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)

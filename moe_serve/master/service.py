@@ -69,7 +69,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
 
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> pb.InferResponse:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
-        r = self.gates[layer](x)
+        r = self.gates[layer](x, losses=request.return_routing)
         slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
         calls = [self.pool.forward(layer, x, sl, timeout) for sl in slices]
