@@ -29,7 +29,7 @@ import torch
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import dispatch
-from moe_serve.experts import grouped_forward, shared_forward
+from moe_serve.experts import grouped_forward, load_shared, shared_forward
 from moe_serve.gating import Gate
 from moe_serve.launcher import LocalCluster
 from moe_serve.placement import Placement
@@ -80,10 +80,7 @@ class InProcessMoE:
             la: Gate.load(source, la, m.top_k, cfg.routing, self.device, dtype)
             for la in m.moe_layers
         }
-        self.shared = {la: w for la in m.moe_layers if (w := source.shared_expert(la)) is not None}
-        self.shared = {
-            la: {k: v.to(self.device, dtype) for k, v in w.items()} for la, w in self.shared.items()
-        }
+        self.shared = load_shared(source, m.moe_layers, self.device, dtype)
         self.engines = [WorkerEngine(m, w, source) for w in cfg.workers]
         self.owner = {la: t.to(self.device) for la, t in Placement.from_config(cfg).owner.items()}
         # (worker, layer) -> expert -> (device index, slot), on master.device like the pairs.

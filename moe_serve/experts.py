@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from moe_serve.weights import ExpertWeights
+from moe_serve.weights import ExpertWeights, WeightSource
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -41,6 +41,18 @@ def shared_forward(activation: str, w: Mapping[str, torch.Tensor], x: torch.Tens
     if "shared_gate" in w:
         y = torch.sigmoid(F.linear(x, w["shared_gate"])) * y
     return y
+
+
+def load_shared(
+    source: WeightSource, layers: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> dict[int, ExpertWeights]:
+    """The shared experts of the layers that have them, on `device` in `dtype`, loaded once."""
+    out = {}
+    for layer in layers:
+        w = source.shared_expert(layer)
+        if w is not None:
+            out[layer] = {k: v.to(device, dtype) for k, v in w.items()}
+    return out
 
 
 class ExpertStack:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from moe_serve.config import ModelConfig, RoutingConfig
-from moe_serve.experts import expert_forward, shared_forward
+from moe_serve.experts import expert_forward, load_shared, shared_forward
 from moe_serve.gating import Gate, Routing
 from moe_serve.weights import open_weights
 from moe_serve.wire import DTYPE_NAMES
@@ -35,7 +35,7 @@ class ReferenceMoE:
             ]
             for la in model.moe_layers
         }
-        self.shared = {la: source.shared_expert(la) for la in model.moe_layers}
+        self.shared = load_shared(source, model.moe_layers, self.device, self.dtype)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, Routing]:
@@ -47,8 +47,6 @@ class ReferenceMoE:
             t, k = ((r.expert_ids == e) & r.kept).nonzero(as_tuple=True)
             y = expert_forward(self.model.expert_kind, self.model.activation, w, x[t])
             out.index_add_(0, t, y.float() * r.weights[t, k].unsqueeze(1))
-        shared = self.shared[layer]
-        if shared is not None:
-            w = {k: v.to(self.device, self.dtype) for k, v in shared.items()}
-            out += shared_forward(self.model.activation, w, x).float()
+        if layer in self.shared:
+            out += shared_forward(self.model.activation, self.shared[layer], x).float()
         return out.to(self.dtype), r

@@ -15,7 +15,7 @@ import torch
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import combine, dispatch
 from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
-from moe_serve.experts import shared_forward
+from moe_serve.experts import load_shared, shared_forward
 from moe_serve.gating import Gate, Routing
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
@@ -23,7 +23,7 @@ from moe_serve.placement import Placement
 from moe_serve.rpc import error_boundary
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.weights import ExpertWeights, open_weights
+from moe_serve.weights import open_weights
 from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, tensor_from_pb, tensor_to_pb
 
 
@@ -39,11 +39,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
             la: Gate.load(source, la, m.top_k, cfg.routing, self.device, self.dtype)
             for la in m.moe_layers
         }
-        self.shared: dict[int, ExpertWeights] = {}
-        for la in m.moe_layers:
-            w = source.shared_expert(la)
-            if w is not None:
-                self.shared[la] = {k: v.to(self.device, self.dtype) for k, v in w.items()}
+        self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
         # Shared experts run here while the worker calls are in flight.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared")
         self.placement = Placement.from_config(cfg)
