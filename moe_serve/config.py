@@ -126,6 +126,14 @@ class MasterConfig(_Frozen):
     max_message_bytes: int = Field((1 << 31) - 1, gt=0, le=(1 << 31) - 1)
     # Bound on each worker call when the client sets no deadline.
     worker_timeout_s: float = Field(30.0, gt=0)
+    # Infer calls that arrive while the master is busy are gated and sent to the workers
+    # together, up to this many tokens per batch; extra wait for more calls (0: none).
+    max_batch_tokens: int = Field(8192, gt=0)
+    batch_delay_us: int = Field(0, ge=0, le=1_000_000)
+    # Host shared memory (CPU) or CUDA IPC (master.device CUDA) region through which
+    # workers on the master's host exchange tensors; gRPC then carries only offsets.
+    # 0 turns the fast path off; workers elsewhere always use gRPC bytes.
+    shared_memory_bytes: int = Field(256 << 20, ge=0)
 
     _listen = field_validator("listen")(lambda v: (parse_address(v), v)[1])
 
