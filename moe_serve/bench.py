@@ -33,8 +33,10 @@ from moe_serve.experts import grouped_forward, load_shared, shared_forward
 from moe_serve.gating import Gate
 from moe_serve.launcher import LocalCluster
 from moe_serve.placement import Placement
+from moe_serve.rpc import keep_large_allocations
+from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES, tensor_from_pb, tensor_to_pb
+from moe_serve.wire import DTYPE_NAMES, parse, serialize, tensor_from_pb
 from moe_serve.worker.engine import WorkerEngine
 
 TOKENS = (1, 8, 64, 512, 4096)
@@ -180,12 +182,25 @@ def concurrency_sweep(
     return out
 
 
-def wire_gbps(iters: int = 10) -> float:
-    """Encode + decode of a 4096 x 4096 bfloat16 host tensor through wire.py, in GB/s."""
-    t = torch.randn(4096, 4096).to(torch.bfloat16)
+def wire_gbps(device: str, iters: int = 10) -> dict[str, float]:
+    """A 4096 x 4096 bfloat16 tensor on `device` through wire.py, in GB/s of tensor bytes.
+
+    `encode_decode`: serialize into message bytes (device -> host included) and parse
+    them back into a tensor, as master and worker do per call; `to_device`: the same plus
+    the decoded tensor's copy back to `device`.
+    """
+    t = torch.randn(4096, 4096, device=device).to(torch.bfloat16)
     nbytes = t.numel() * t.element_size()
-    timing = time_calls(lambda: tensor_from_pb(tensor_to_pb(t), "t"), iters, 2)
-    return nbytes / (timing["p50_ms"] / 1e3) / 1e9
+
+    def round_trip() -> torch.Tensor:
+        data = serialize(pb.ForwardResponse(), {"output": t})
+        return tensor_from_pb(parse(pb.ForwardResponse, data).output, "output")
+
+    out = {}
+    for name, fn in (("encode_decode", round_trip), ("to_device", lambda: round_trip().to(device))):
+        timing = time_calls(fn, iters, 2)
+        out[name] = nbytes / (timing["p50_ms"] / 1e3) / 1e9
+    return out
 
 
 def _torch_rpc(cfg: WorldConfig, layer: int, tokens: Sequence[int], iters: int) -> Any:
@@ -222,6 +237,7 @@ def run(
     seconds: float = 2.0,
 ) -> dict[str, Any]:
     """The whole benchmark; returns (and writes) the result document."""
+    keep_large_allocations()  # as master and workers do: the SDK side builds big messages too
     layer, dtype = cfg.model.moe_layers[0], DTYPE_NAMES[cfg.model.dtype]
     flops, H = flops_per_token(cfg), cfg.model.hidden_size
     rows: list[dict[str, Any]] = []
@@ -259,13 +275,19 @@ def run(
         rows.append(
             _row("torch_rpc", int(T), {k: t[k] for k in ("p50_ms", "p99_ms", "mean_ms")}, flops)
         )
-    gbps = wire_gbps()
-    print(f"wire: encode+decode of 4096x4096 bfloat16: {gbps:.2f} GB/s", flush=True)
+    wire = wire_gbps(cfg.master.device)
+    gbps = wire["encode_decode"]
+    print(
+        f"wire: 4096x4096 bfloat16 on {cfg.master.device}: encode+decode {gbps:.2f} GB/s, "
+        f"with the copy back to the device {wire['to_device']:.2f} GB/s",
+        flush=True,
+    )
     result = {
         "device": device_info(),
         "config": cfg.model_dump(mode="json", warnings=False),
         "rows": rows,
         "concurrency": {str(n): v for n, v in sweep.items()},
+        "wire_gbps": wire,
         "summary": _summary(rows, sweep, gbps),
         "command": " ".join(sys.argv),
     }

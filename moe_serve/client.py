@@ -17,10 +17,10 @@ import grpc
 import torch
 
 from moe_serve.errors import MoEError
-from moe_serve.rpc import message_options
+from moe_serve.rpc import message_options, unary_call
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import tensor_from_pb, tensor_to_pb
+from moe_serve.wire import Parsed, serialize, tensor_from_pb
 
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
 
@@ -75,7 +75,7 @@ class ServiceInfo:
     workers: tuple[WorkerHealth, ...]
 
 
-def _request(x: torch.Tensor, layer: int, return_routing: bool) -> pb.InferRequest:
+def _request(x: torch.Tensor, layer: int, return_routing: bool) -> bytes:
     if x.dim() == 0:
         raise MoEServeError(
             grpc.StatusCode.INVALID_ARGUMENT, "x: expected shape [..., hidden_size]"
@@ -83,15 +83,15 @@ def _request(x: torch.Tensor, layer: int, return_routing: bool) -> pb.InferReque
     flat = x.detach().reshape(-1, x.shape[-1])
     if flat.dtype == torch.float64:  # float64 does not travel; the model computes in <= 32 bits
         flat = flat.float()
+    request = pb.InferRequest(layer=layer, return_routing=return_routing)
     try:
-        hidden = tensor_to_pb(flat)
+        return serialize(request, {"hidden": flat})
     except MoEError as exc:
         raise MoEServeError(grpc.StatusCode.INVALID_ARGUMENT, f"x: {exc}") from None
-    return pb.InferRequest(layer=layer, hidden=hidden, return_routing=return_routing)
 
 
 def _result(
-    reply: pb.InferResponse, x: torch.Tensor, return_routing: bool
+    reply: Parsed[pb.InferResponse], x: torch.Tensor, return_routing: bool
 ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
     # copy=True: the decoded tensor is a read-only view of the reply bytes.
     y = tensor_from_pb(reply.output, "output").to(x.device, x.dtype, copy=True).reshape(x.shape)
@@ -151,6 +151,7 @@ class MoEClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
         self._stub = pb_grpc.MoEMasterStub(self._channel)
+        self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
 
     def infer(
         self,
@@ -162,7 +163,7 @@ class MoEClient:
         """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
         request = _request(x, layer, return_routing)
         try:
-            reply = self._stub.Infer(request, timeout=timeout or self.timeout)
+            reply = self._infer(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)
@@ -201,6 +202,7 @@ class AsyncMoEClient:
             address, options=message_options(max_message_bytes)
         )
         self._stub = pb_grpc.MoEMasterStub(self._channel)
+        self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
 
     async def infer(
         self,
@@ -212,7 +214,7 @@ class AsyncMoEClient:
         """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
         request = _request(x, layer, return_routing)
         try:
-            reply = await self._stub.Infer(request, timeout=timeout or self.timeout)
+            reply = await self._infer(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)

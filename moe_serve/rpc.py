@@ -2,14 +2,18 @@
 
 - `error_boundary`: domain exceptions -> status codes whose message names the field.
 - `serve_service`: a grpc.aio server with the service, health and reflection,
-  and a request decoder that answers unparsable bytes with INVALID_ARGUMENT
-  (grpcio's default answer would be INTERNAL).
+  and a request decoder (zero-copy for tensors) that answers unparsable bytes with
+  INVALID_ARGUMENT (grpcio's default answer would be INTERNAL).
+- `unary_call`: a client call that sends `wire.serialize` bytes and parses the reply
+  with `wire.parse`, so tensors skip protobuf's copies both ways.
+- `keep_large_allocations`: glibc tuning so that message-sized buffers are reused.
 - `run`: the event loop (uvloop where available) with SIGTERM/SIGINT handling.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import signal
@@ -25,10 +29,12 @@ from grpc_reflection.v1alpha import reflection
 
 from moe_serve.errors import ConfigError, MoEError
 from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.wire import parse
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,17 @@ def error_boundary(
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
     def decode(data: bytes) -> Any:
         try:
-            return message_type.FromString(data)
+            # Tensor fields come out as views of `data`, not copies (wire.parse).
+            return parse(message_type, data)
         except Exception as exc:  # any parse failure is the caller's fault, not ours
             return MalformedMessage(message_type.DESCRIPTOR.full_name, type(exc).__name__)
 
     return decode
+
+
+def _encode(reply: Message | bytes) -> bytes:
+    # Handlers with bulk tensors return wire.serialize's bytes, the rest protobuf messages.
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
 
 
 def _generic_handler(service_name: str, servicer: object) -> grpc.GenericRpcHandler:
@@ -79,13 +91,41 @@ def _generic_handler(service_name: str, servicer: object) -> grpc.GenericRpcHand
     handlers = {}
     for m in service.methods:
         request_type = getattr(pb, m.input_type.name)
-        response_type = getattr(pb, m.output_type.name)
         handlers[m.name] = grpc.unary_unary_rpc_method_handler(
             getattr(servicer, m.name),
             request_deserializer=_lenient(request_type),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_encode,
         )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def unary_call(
+    channel: grpc.Channel | grpc.aio.Channel, service: str, method: str, reply_type: type[M]
+) -> Callable[..., Any]:
+    """`channel`'s multicallable for moe_serve.v1.`service`/`method`: it takes the request
+    as serialized bytes and returns the reply parsed by wire.parse."""
+    return channel.unary_unary(
+        f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}",
+        request_serializer=None,  # the caller passes wire.serialize's bytes
+        response_deserializer=functools.partial(parse, reply_type),
+    )
+
+
+def keep_large_allocations() -> None:
+    """Let glibc reuse freed message-sized blocks instead of returning them to the OS.
+
+    By default every allocation over 32 MiB is a fresh mmap, and filling it costs a page
+    fault per 4 KiB: building a 32 MiB message ran at ~2 GB/s on a 2-core VM, 12 GB/s
+    with reused memory. The cost: the process keeps its peak heap. Called once at process
+    start by the master, the workers and `moe-serve bench`; a no-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, (1 << 31) - 1)
 
 
 def message_options(max_message_bytes: int) -> list[tuple[str, int]]:

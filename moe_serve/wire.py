@@ -1,8 +1,14 @@
 """Tensors to protobuf `Tensor` messages and back: the only place raw bytes are built.
 
-Encoding copies a tensor's bytes once (device -> host where needed, then into the
-message). Decoding wraps the message's bytes with `torch.frombuffer`, no copy:
-the decoded tensor is a read-only view of the message and must not be written to.
+Two levels:
+- `tensor_to_pb` / `tensor_from_pb`: one `Tensor` message (small tensors, routing data).
+- `serialize` / `parse`: a whole message whose top-level `Tensor` fields carry the bulk
+  bytes. `serialize` writes each tensor's bytes once, straight into the serialized message
+  (CUDA tensors go through a reused pinned buffer first); `parse` returns views of the
+  received bytes, no copy. The protobuf encoding stays standard: any protobuf library
+  reads what `serialize` writes, and `parse` reads what any library writes.
+
+Decoded tensors are read-only views of the message and must not be written to.
 """
 
 from __future__ import annotations
@@ -10,9 +16,14 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
+import threading
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
+from google.protobuf.message import DecodeError, Message
 
 from moe_serve.errors import WireError
 from moe_serve.v1 import moe_pb2 as pb
@@ -51,19 +62,56 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
-    """Encode a tensor of a wire dtype; moves it to host memory if needed."""
+def _check_dtype(t: torch.Tensor) -> int:
     if t.dtype not in _TO_PB:
         raise WireError(
             "tensor.dtype",
             f"{dtype_name(t.dtype)} cannot travel; expected one of "
             f"{sorted(dtype_name(d) for d in _TO_PB)}",
         )
-    host = t.detach().to("cpu").contiguous()
-    nbytes = host.numel() * host.element_size()
-    # One copy, straight from the tensor's memory into the bytes object.
-    data = ctypes.string_at(host.data_ptr(), nbytes) if nbytes else b""
-    return pb.Tensor(dtype=_TO_PB[host.dtype], shape=list(host.shape), data=data)
+    return _TO_PB[t.dtype]
+
+
+# Largest tensor staged through the per-thread pinned buffer; larger ones (rare: gRPC caps
+# a message at 2 GiB) take a plain device -> host copy instead of holding more pinned memory.
+MAX_STAGING_BYTES = 1 << 30
+_staging = threading.local()
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    """This thread's pinned host buffer, grown to hold nbytes. Each thread copies into and
+    out of its own buffer within one call, so concurrent encodes never share bytes."""
+    buf = getattr(_staging, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, pin_memory=True)
+        _staging.buf = buf
+    return buf[:nbytes]
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    """The bytes of `t` in host memory, as a memoryview valid until the next call on this
+    thread (CUDA) or while `t` lives (CPU). No copy for a contiguous CPU tensor."""
+    t = t.detach()
+    nbytes = t.numel() * t.element_size()
+    if t.device.type == "cuda" and 0 < nbytes <= MAX_STAGING_BYTES:
+        host = _pinned(nbytes)
+        # Pageable destinations run at a fraction of pinned bandwidth and fault in fresh
+        # pages on every call; the copy is synchronous, so the buffer is ready on return.
+        host.copy_(t.contiguous().view(-1).view(torch.uint8))
+    else:
+        host = t.to("cpu").contiguous()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * nbytes).from_address(host.data_ptr())
+    array.owner = host  # the view keeps the array alive, the array the (maybe fresh) tensor
+    return memoryview(array).cast("B")
+
+
+def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
+    """Encode a tensor of a wire dtype; moves it to host memory if needed."""
+    dtype = _check_dtype(t)
+    data = host_view(t).tobytes()  # the one copy: into the bytes object protobuf keeps
+    return pb.Tensor(dtype=dtype, shape=list(t.shape), data=data)
 
 
 def tensor_from_pb(
@@ -108,4 +156,172 @@ def tensor_from_pb(
             return torch.empty(shape, dtype=dtype)
         except RuntimeError:  # zero-size, but the other dims overflow torch's size arithmetic
             raise WireError(f"{field}.shape", f"{list(shape)} is too large") from None
-    return torch.frombuffer(data, dtype=dtype).view(shape)
+    t = torch.frombuffer(data, dtype=dtype)
+    if t.data_ptr() % 16:
+        # Bytes from an encoder that does not align (serialize does): kernels take other
+        # code paths on unaligned memory, and results could differ in the last bit.
+        t = t.clone()
+    return t.view(shape)
+
+
+# ------------------------------------------------------------------ whole messages ---
+# Protobuf encoding, as much as needed here: a field key is varint(number << 3 | wire type).
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_TENSOR = pb.Tensor.DESCRIPTOR
+M = TypeVar("M", bound=Message)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int, field: str) -> tuple[int, int]:
+    result, shift = 0, 0
+    for i in range(pos, min(pos + 10, len(buf))):
+        b = buf[i]
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i + 1
+        shift += 7
+    raise WireError(field, "truncated or overlong varint")
+
+
+def _fields(buf: memoryview, field: str):  # -> Iterator[(number, wire type, value, start, end)]
+    """Walk one message level: value is the int for varints, (begin, end) for bytes."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        start = pos
+        key, pos = _read_varint(buf, pos, field)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _VARINT:
+            value, pos = _read_varint(buf, pos, field)
+        elif wire_type == _LEN:
+            n, pos = _read_varint(buf, pos, field)
+            value, pos = (pos, pos + n), pos + n
+        elif wire_type in (_I64, _I32):
+            value, pos = None, pos + (8 if wire_type == _I64 else 4)
+        else:
+            raise WireError(field, f"unsupported protobuf wire type {wire_type}")
+        if pos > end or number == 0:
+            raise WireError(field, "truncated or malformed protobuf bytes")
+        yield number, wire_type, value, start, pos
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A `Tensor` field read straight from message bytes: pb.Tensor's attributes, with
+    `data` a memoryview of the received message (no copy); decode it with tensor_from_pb."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: memoryview
+
+
+def _raw_tensor(buf: memoryview, field: str, prior: RawTensor | None) -> RawTensor:
+    # A message field given twice merges (protobuf rule): scalars last-wins, repeated appends.
+    dtype, shape = (prior.dtype, list(prior.shape)) if prior else (0, [])
+    data = prior.data if prior else memoryview(b"")
+    for number, wire_type, value, _, _ in _fields(buf, field):
+        if number == 1 and wire_type == _VARINT:
+            dtype = _signed64(value)
+        elif number == 2 and wire_type == _LEN:  # packed repeated int64
+            packed, pos = buf[value[0] : value[1]], 0
+            while pos < len(packed):
+                dim, pos = _read_varint(packed, pos, f"{field}.shape")
+                shape.append(_signed64(dim))
+        elif number == 2 and wire_type == _VARINT:
+            shape.append(_signed64(value))
+        elif number == 3 and wire_type == _LEN:
+            data = buf[value[0] : value[1]]
+    return RawTensor(dtype, tuple(shape), data)
+
+
+def _bulk_fields(cls: type[Message]) -> dict[int, str]:
+    return {
+        f.number: f.name
+        for f in cls.DESCRIPTOR.fields
+        if f.message_type is _TENSOR and not getattr(f, "is_repeated", False)
+    }
+
+
+class Parsed(Generic[M]):
+    """A parsed message whose top-level `Tensor` fields are RawTensors viewing the received
+    bytes; every other attribute reads through to the protobuf message."""
+
+    __slots__ = ("message", "tensors")
+
+    def __init__(self, message: M, tensors: dict[str, RawTensor]) -> None:
+        self.message, self.tensors = message, tensors
+
+    def __getattr__(self, name: str) -> Any:
+        tensors = object.__getattribute__(self, "tensors")
+        if name in tensors:
+            return tensors[name]
+        return getattr(object.__getattribute__(self, "message"), name)
+
+
+def parse(cls: type[M], data: bytes) -> Parsed[M]:
+    """Parse `data` as a `cls` message; top-level Tensor fields become zero-copy RawTensors.
+
+    Raises WireError on bytes that are not a valid `cls`."""
+    name = cls.DESCRIPTOR.name
+    bulk = _bulk_fields(cls)
+    buf = memoryview(data).cast("B")
+    rest, tensors = [], {}
+    for number, wire_type, value, start, end in _fields(buf, name):
+        field = bulk.get(number)
+        if field is not None and wire_type == _LEN:
+            tensors[field] = _raw_tensor(buf[value[0] : value[1]], field, tensors.get(field))
+        else:
+            rest.append(buf[start:end])
+    try:
+        # Only the small fields are copied; the tensors' bytes were skipped above.
+        message = cls.FromString(b"".join(rest))
+    except DecodeError as exc:
+        raise WireError(name, f"bytes are not a valid {name} ({exc})") from None
+    return Parsed(message, tensors)
+
+
+# Tensor data starts at a multiple of this offset in a serialized message: with the bytes
+# object's own 16-byte alignment, decoded views are aligned as a fresh tensor would be.
+ALIGN = 64
+_PAD_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["padding"].number
+
+
+def _tensor_prefix(number: int, header: bytes, nbytes: int, offset: int) -> bytes:
+    """Bytes that open Tensor field `number` up to its data, padded so that the data starts
+    at a multiple of ALIGN when this prefix starts at `offset` of the message."""
+    pad = 0
+    while True:
+        padding = _varint(_PAD_FIELD << 3 | _LEN) + _varint(pad) + bytes(pad)
+        body = header + padding + _varint(3 << 3 | _LEN) + _varint(nbytes)
+        prefix = _varint(number << 3 | _LEN) + _varint(len(body) + nbytes) + body
+        miss = (offset + len(prefix)) % ALIGN
+        if miss == 0:
+            return prefix
+        pad += ALIGN - miss  # varint widths may grow with pad: go round until aligned
+
+
+def serialize(message: Message, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """`message` plus `tensors` in its top-level Tensor fields (which `message` leaves unset),
+    serialized with each tensor's bytes copied exactly once, into the returned bytes."""
+    head = message.SerializeToString()
+    parts: list[bytes | memoryview] = [head]
+    offset = len(head)
+    fields = message.DESCRIPTOR.fields_by_name
+    for name, t in tensors.items():
+        header = pb.Tensor(dtype=_check_dtype(t), shape=list(t.shape)).SerializeToString()
+        data = host_view(t)
+        prefix = _tensor_prefix(fields[name].number, header, len(data), offset)
+        parts += [prefix, data]
+        offset += len(prefix) + len(data)
+    return b"".join(parts)

@@ -10,7 +10,7 @@ from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics, start_exporter
-from moe_serve.rpc import run, serve_service, set_serving, wait_for_signal
+from moe_serve.rpc import keep_large_allocations, run, serve_service, set_serving, wait_for_signal
 
 log = logging.getLogger("moe_serve.master")
 
@@ -50,4 +50,5 @@ async def serve(cfg: WorldConfig) -> None:
 def main(cfg: WorldConfig) -> None:
     """Entry point of `moe-serve master`."""
     check_devices_exist((cfg.master.device,), "master.device")
+    keep_large_allocations()
     run(serve(cfg))

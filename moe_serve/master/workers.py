@@ -20,10 +20,9 @@ from moe_serve.errors import (
     WorkerUnavailableError,
 )
 from moe_serve.metrics import MasterMetrics
-from moe_serve.rpc import message_options
+from moe_serve.rpc import message_options, unary_call
 from moe_serve.v1 import moe_pb2 as pb
-from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import tensor_from_pb, tensor_to_pb
+from moe_serve.wire import serialize, tensor_from_pb
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,9 @@ class WorkerPool:
         self._channels = [
             grpc.aio.insecure_channel(w.address, options=options) for w in cfg.workers
         ]
-        self._stubs = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
+        self._forward = [
+            unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in self._channels
+        ]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
         self.healthy = [False] * len(cfg.workers)
         self._watch: asyncio.Task[None] | None = None
@@ -67,16 +68,18 @@ class WorkerPool:
     ) -> torch.Tensor:
         """Send one worker its slice of a request; return its partial sums [N_w, H]."""
         w = self.workers[sl.worker]
-        request = pb.ForwardRequest(
-            layer=layer,
-            hidden=tensor_to_pb(x[sl.token_index.to(x.device)]),
-            pair_token=tensor_to_pb(sl.pair_token),
-            pair_expert=tensor_to_pb(sl.pair_expert),
-            pair_weight=tensor_to_pb(sl.pair_weight),
+        request = serialize(
+            pb.ForwardRequest(layer=layer),
+            {
+                "hidden": x[sl.token_index.to(x.device)],
+                "pair_token": sl.pair_token,
+                "pair_expert": sl.pair_expert,
+                "pair_weight": sl.pair_weight,
+            },
         )
         start = time.perf_counter()
         try:
-            reply = await self._stubs[sl.worker].Forward(request, timeout=timeout_s)
+            reply = await self._forward[sl.worker](request, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise self._call_error(sl, layer, exc) from None
         finally:

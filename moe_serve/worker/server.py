@@ -6,7 +6,7 @@ import logging
 
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
-from moe_serve.rpc import run, serve_service, wait_for_signal
+from moe_serve.rpc import keep_large_allocations, run, serve_service, wait_for_signal
 from moe_serve.weights import open_weights
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
@@ -54,4 +54,5 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
 def main(cfg: WorldConfig, worker_id: str) -> None:
     """Entry point of `moe-serve worker`."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
+    keep_large_allocations()
     run(serve(cfg, worker_id))

@@ -9,7 +9,7 @@ from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.rpc import error_boundary
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import dtype_name, tensor_from_pb, tensor_to_pb
+from moe_serve.wire import dtype_name, serialize, tensor_from_pb
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 
@@ -25,16 +25,14 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         self.metrics = batcher.metrics
 
     @error_boundary
-    async def Forward(
-        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ForwardResponse:
+    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> bytes:
         try:
             out = await self.batcher.submit(request.layer, *self._decode(request))
         except MoEError as exc:
             self.metrics.forward_requests.labels(exc.code.name).inc()
             raise
         self.metrics.forward_requests.labels("OK").inc()
-        return pb.ForwardResponse(output=tensor_to_pb(out))
+        return serialize(pb.ForwardResponse(), {"output": out})
 
     def _decode(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, ...]:
         e = self.engine
