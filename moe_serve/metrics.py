@@ -65,6 +65,17 @@ class MasterMetrics:
             ["layer"],
             registry=r,
         )
+        self.worker_calls = Counter(
+            "moe_serve_worker_calls",
+            "Forward calls by worker and transport: 'shared' (memory region) or 'bytes' (gRPC)",
+            ["worker", "transport"],
+            registry=r,
+        )
+        self.shared_fallbacks = Counter(
+            "moe_serve_master_shared_fallbacks",
+            "Worker calls sent as gRPC bytes because the shared region was full",
+            registry=r,
+        )
         self.worker_rpc_seconds = Histogram(
             "moe_serve_worker_rpc_seconds",
             "Forward call latency seen by the master",

@@ -57,19 +57,30 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
+def pb_dtype(dtype: torch.dtype) -> int:
+    """The DType enum of a wire dtype; WireError for others."""
+    if dtype not in _TO_PB:
+        raise WireError(
+            "tensor.dtype",
+            f"{dtype_name(dtype)} cannot travel; expected one of "
+            f"{sorted(dtype_name(d) for d in _TO_PB)}",
+        )
+    return _TO_PB[dtype]
+
+
+def torch_dtype(enum: int) -> torch.dtype | None:
+    """The torch dtype of a DType enum value, None if unknown."""
+    return _FROM_PB.get(enum)
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    """Bytes per element of a wire dtype."""
+    return _ITEMSIZE[dtype]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """'float32' for torch.float32 and so on."""
     return str(dtype).removeprefix("torch.")
-
-
-def _check_dtype(t: torch.Tensor) -> int:
-    if t.dtype not in _TO_PB:
-        raise WireError(
-            "tensor.dtype",
-            f"{dtype_name(t.dtype)} cannot travel; expected one of "
-            f"{sorted(dtype_name(d) for d in _TO_PB)}",
-        )
-    return _TO_PB[t.dtype]
 
 
 # Largest tensor staged through the per-thread pinned buffer; larger ones (rare: gRPC caps
@@ -109,7 +120,7 @@ def host_view(t: torch.Tensor) -> memoryview:
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
     """Encode a tensor of a wire dtype; moves it to host memory if needed."""
-    dtype = _check_dtype(t)
+    dtype = pb_dtype(t.dtype)
     data = host_view(t).tobytes()  # the one copy: into the bytes object protobuf keeps
     return pb.Tensor(dtype=dtype, shape=list(t.shape), data=data)
 
@@ -319,7 +330,7 @@ def serialize(message: Message, tensors: Mapping[str, torch.Tensor]) -> bytes:
     offset = len(head)
     fields = message.DESCRIPTOR.fields_by_name
     for name, t in tensors.items():
-        header = pb.Tensor(dtype=_check_dtype(t), shape=list(t.shape)).SerializeToString()
+        header = pb.Tensor(dtype=pb_dtype(t.dtype), shape=list(t.shape)).SerializeToString()
         data = host_view(t)
         prefix = _tensor_prefix(fields[name].number, header, len(data), offset)
         parts += [prefix, data]

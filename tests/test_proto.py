@@ -33,4 +33,8 @@ def test_services_live_in_package_moe_serve_v1() -> None:
     assert moe_pb2.DESCRIPTOR.package == "moe_serve.v1"
     assert set(services) == {"MoEMaster", "ExpertWorker"}
     assert {m.name for m in services["MoEMaster"].methods} == {"Infer", "GetInfo"}
-    assert {m.name for m in services["ExpertWorker"].methods} == {"Forward", "GetInfo"}
+    assert {m.name for m in services["ExpertWorker"].methods} == {
+        "Forward",
+        "AttachRegion",
+        "GetInfo",
+    }

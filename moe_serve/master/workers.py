@@ -1,4 +1,8 @@
-"""The master's side of the workers: one channel each, health tracking, Forward calls."""
+"""The master's side of the workers: one channel each, health tracking, Forward calls.
+
+A worker on the master's host that has mapped the master's shared region (moe_serve.shm)
+gets its tokens and writes its partial sums in place; every other call carries bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import torch
@@ -21,12 +26,17 @@ from moe_serve.errors import (
 )
 from moe_serve.metrics import MasterMetrics
 from moe_serve.rpc import message_options, unary_call
+from moe_serve.shm import SharedMemoryError, SharedRegion
 from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import serialize, tensor_from_pb
 
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
+# A failed or timed-out call's blocks stay reserved this long: its worker may still be
+# writing its output there, and a reused block would hand those bytes to another call.
+QUARANTINE_S = 60.0
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -52,7 +62,10 @@ class WorkerPool:
             unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in self._channels
         ]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
+        self._control = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
         self.healthy = [False] * len(cfg.workers)
+        self.region = _open_region(cfg)
+        self.attached = [False] * len(cfg.workers)  # has mapped self.region
         self._watch: asyncio.Task[None] | None = None
         for w in cfg.workers:
             metrics.worker_up.labels(w.id).set(0)
@@ -61,22 +74,79 @@ class WorkerPool:
         if self.healthy[index] != up:
             log.info("worker %s is %s", self.workers[index].id, "up" if up else "down")
         self.healthy[index] = up
+        if not up:
+            self.attached[index] = False  # a restarted worker has lost its mapping
         self.metrics.worker_up.labels(self.workers[index].id).set(int(up))
 
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
         """Send one worker its slice of a request; return its partial sums [N_w, H]."""
+        if self.region is not None and self.attached[sl.worker]:
+            out = await self._forward_shared(self.region, layer, x, sl, timeout_s)
+            if out is not None:
+                return out
+        pairs = _pairs(sl)
+        pairs["hidden"] = x[sl.token_index.to(x.device)]
+        request = serialize(pb.ForwardRequest(layer=layer), pairs)
+        reply = await self._call(sl, layer, request, timeout_s, "bytes")
         w = self.workers[sl.worker]
-        request = serialize(
-            pb.ForwardRequest(layer=layer),
-            {
-                "hidden": x[sl.token_index.to(x.device)],
-                "pair_token": sl.pair_token,
-                "pair_expert": sl.pair_expert,
-                "pair_weight": sl.pair_weight,
-            },
-        )
+        out = tensor_from_pb(reply.output, f"workers[{w.id}].output", dtypes=frozenset({x.dtype}))
+        if tuple(out.shape) != (sl.token_index.shape[0], x.shape[1]):
+            raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
+        return out
+
+    async def _forward_shared(
+        self, region: SharedRegion, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
+    ) -> torch.Tensor | None:
+        """forward through the shared region; None when it is full or the worker lost it."""
+        shape = (sl.token_index.shape[0], x.shape[1])
+        nbytes = shape[0] * shape[1] * x.element_size()
+        blocks = [b for b in (region.alloc(nbytes), region.alloc(nbytes)) if b is not None]
+        if len(blocks) < 2:
+            for b in blocks:
+                region.free(b, nbytes)
+            self.metrics.shared_fallbacks.inc()
+            return None
+        hidden, output = blocks
+        done = False
+        try:
+            torch.index_select(
+                x, 0, sl.token_index.to(x.device), out=region.view(hidden, x.dtype, shape)
+            )
+            if x.device.type == "cuda":
+                # Another process reads these bytes as soon as it has the request.
+                torch.cuda.current_stream(x.device).synchronize()
+            request = pb.ForwardRequest(
+                layer=layer,
+                hidden_shared=region.shared(hidden, x.dtype, shape),
+                output_shared=region.shared(output, x.dtype, shape),
+            )
+            try:
+                await self._call(sl, layer, serialize(request, _pairs(sl)), timeout_s, "shared")
+            except RegionLostError:
+                self.attached[sl.worker] = False
+                asyncio.get_running_loop().create_task(self._attach(sl.worker))
+                done = True  # the worker refused before touching the blocks
+                return None
+            # The worker synchronised its writes before replying; copy out before reuse.
+            out = region.view(output, x.dtype, shape).clone()
+            done = True
+            return out
+        finally:
+            if done:
+                region.free(hidden, nbytes)
+                region.free(output, nbytes)
+            else:
+                asyncio.get_running_loop().call_later(
+                    QUARANTINE_S, lambda: (region.free(hidden, nbytes), region.free(output, nbytes))
+                )
+
+    async def _call(
+        self, sl: WorkerSlice, layer: int, request: bytes, timeout_s: float, transport: str
+    ) -> Any:
+        w = self.workers[sl.worker]
+        self.metrics.worker_calls.labels(w.id, transport).inc()
         start = time.perf_counter()
         try:
             reply = await self._forward[sl.worker](request, timeout=timeout_s)
@@ -85,13 +155,34 @@ class WorkerPool:
         finally:
             self.metrics.worker_rpc_seconds.labels(w.id).observe(time.perf_counter() - start)
         self._set_health(sl.worker, True)
-        out = tensor_from_pb(reply.output, f"workers[{w.id}].output", dtypes=frozenset({x.dtype}))
-        if tuple(out.shape) != (sl.token_index.shape[0], x.shape[1]):
-            raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
-        return out
+        return reply
+
+    async def _attach(self, index: int) -> None:
+        """Offer the shared region to worker `index`; it maps it if it is on this host."""
+        if self.region is None:
+            return
+        w = self.workers[index]
+        try:
+            reply = await self._control[index].AttachRegion(
+                self.region.description(), timeout=HEALTH_INTERVAL_S * 5
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("worker %s: AttachRegion failed: %s", w.id, exc.details())
+            return
+        if reply.attached != self.attached[index]:
+            log.info(
+                "worker %s: %s",
+                w.id,
+                "tensors go through shared memory"
+                if reply.attached
+                else f"tensors go through gRPC ({reply.reason})",
+            )
+        self.attached[index] = reply.attached
 
     def _call_error(self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError) -> MoEError:
         w = self.workers[sl.worker]
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "region" in (exc.details() or ""):
+            return RegionLostError(exc.details())
         experts = sorted(set(sl.pair_expert.tolist()))
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineError(
@@ -121,6 +212,8 @@ class WorkerPool:
                 self._set_health(i, reply.status == health_pb2.HealthCheckResponse.SERVING)
             except grpc.aio.AioRpcError:
                 self._set_health(i, False)
+            if self.healthy[i] and not self.attached[i]:
+                await self._attach(i)
 
         await asyncio.gather(*(check(i) for i in range(len(self.workers))))
 
@@ -141,3 +234,29 @@ class WorkerPool:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self._channels))
+        if self.region is not None:
+            self.region.close()
+
+
+class RegionLostError(MoEError):
+    """The worker no longer has the shared region mapped (it restarted between probes)."""
+
+
+def _pairs(sl: WorkerSlice) -> dict[str, torch.Tensor]:
+    return {
+        "pair_token": sl.pair_token,
+        "pair_expert": sl.pair_expert,
+        "pair_weight": sl.pair_weight,
+    }
+
+
+def _open_region(cfg: WorldConfig) -> SharedRegion | None:
+    """The master's shared region, or None when it is off or this host cannot make one."""
+    size = cfg.master.shared_memory_bytes
+    if size == 0:
+        return None
+    try:
+        return SharedRegion(size, torch.device(cfg.master.device))
+    except SharedMemoryError as exc:
+        log.warning("master: no shared memory fast path: %s", exc)
+        return None

@@ -127,24 +127,88 @@ class MasterInfo(_message.Message):
     def __init__(self, hidden_size: _Optional[int] = ..., expert_ffn_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_kind: _Optional[str] = ..., activation: _Optional[str] = ..., dtype: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., scoring: _Optional[str] = ..., normalize_topk: _Optional[bool] = ..., capacity_factor: _Optional[float] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "pair_token", "pair_expert", "pair_weight")
+    __slots__ = ("layer", "hidden", "pair_token", "pair_expert", "pair_weight", "hidden_shared", "output_shared")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_EXPERT_FIELD_NUMBER: _ClassVar[int]
     PAIR_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SHARED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     pair_token: Tensor
     pair_expert: Tensor
     pair_weight: Tensor
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_token: _Optional[_Union[Tensor, _Mapping]] = ..., pair_expert: _Optional[_Union[Tensor, _Mapping]] = ..., pair_weight: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    hidden_shared: SharedTensor
+    output_shared: SharedTensor
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_token: _Optional[_Union[Tensor, _Mapping]] = ..., pair_expert: _Optional[_Union[Tensor, _Mapping]] = ..., pair_weight: _Optional[_Union[Tensor, _Mapping]] = ..., hidden_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_shared: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("output",)
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("region", "offset", "dtype", "shape")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class HostRegion(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CudaRegion(_message.Message):
+    __slots__ = ("device_uuid", "handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    handle: bytes
+    storage_size: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class AttachRegionRequest(_message.Message):
+    __slots__ = ("id", "size", "nonce", "host", "cuda")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    size: int
+    nonce: bytes
+    host: HostRegion
+    cuda: CudaRegion
+    def __init__(self, id: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., host: _Optional[_Union[HostRegion, _Mapping]] = ..., cuda: _Optional[_Union[CudaRegion, _Mapping]] = ...) -> None: ...
+
+class AttachRegionReply(_message.Message):
+    __slots__ = ("attached", "reason")
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attached: bool
+    reason: str
+    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("id", "devices", "placement", "hidden_size", "dtype")

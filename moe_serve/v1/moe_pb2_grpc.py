@@ -168,6 +168,11 @@ class ExpertWorkerStub:
                 request_serializer=moe__serve_dot_v1_dot_moe__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=moe__serve_dot_v1_dot_moe__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.AttachRegion = channel.unary_unary(
+                '/moe_serve.v1.ExpertWorker/AttachRegion',
+                request_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/moe_serve.v1.ExpertWorker/GetInfo',
                 request_serializer=moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.SerializeToString,
@@ -188,6 +193,13 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachRegion(self, request, context):
+        """Map a memory region of the master (same host only), replacing any mapped before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """Worker identity, devices and held experts.
         """
@@ -202,6 +214,11 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=moe__serve_dot_v1_dot_moe__pb2.ForwardRequest.FromString,
                     response_serializer=moe__serve_dot_v1_dot_moe__pb2.ForwardResponse.SerializeToString,
+            ),
+            'AttachRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachRegion,
+                    request_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.FromString,
+                    response_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -239,6 +256,33 @@ class ExpertWorker:
             '/moe_serve.v1.ExpertWorker/Forward',
             moe__serve_dot_v1_dot_moe__pb2.ForwardRequest.SerializeToString,
             moe__serve_dot_v1_dot_moe__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.ExpertWorker/AttachRegion',
+            moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.SerializeToString,
+            moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.FromString,
             options,
             channel_credentials,
             insecure,

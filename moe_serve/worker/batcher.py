@@ -113,7 +113,11 @@ class DynamicBatcher:
         sizes = [c.tokens for c in calls]
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
         pair_counts = torch.tensor([c.pair_token.shape[0] for c in calls])
-        hidden = torch.cat([c.hidden for c in calls]) if len(calls) > 1 else calls[0].hidden
+        if len(calls) == 1:
+            hidden = calls[0].hidden
+        else:  # shared-memory calls may hold their rows on the master's GPU, the rest on host
+            device = self.engine.devices[0]
+            hidden = torch.cat([c.hidden.to(device) for c in calls])
         token = torch.cat([c.pair_token for c in calls]).long()
         token += offsets.repeat_interleave(pair_counts)  # rows of the merged batch
         expert = torch.cat([c.pair_expert for c in calls])

@@ -2,37 +2,81 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.rpc import error_boundary
+from moe_serve.shm import MappedRegion, RegionNotAttachedError, SharedMemoryError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import dtype_name, serialize, tensor_from_pb
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 
+log = logging.getLogger(__name__)
+
 _INT32 = frozenset({torch.int32})
 _FLOAT32 = frozenset({torch.float32})
 
 
 class WorkerService(pb_grpc.ExpertWorkerServicer):
-    """Serves Forward through the dynamic batcher, and GetInfo."""
+    """Serves Forward through the dynamic batcher, AttachRegion and GetInfo."""
 
     def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
         self.engine, self.batcher = engine, batcher
         self.metrics = batcher.metrics
+        self.region: MappedRegion | None = None  # the master's, once attached
 
     @error_boundary
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            out = await self.batcher.submit(request.layer, *self._decode(request))
+            inputs = self._decode(request)
+            target = self._output_view(request)
+            if target is not None and target.shape != inputs[0].shape:
+                raise InvalidRequestError(
+                    "output_shared.shape",
+                    f"{list(target.shape)}; expected {list(inputs[0].shape)} (as hidden)",
+                )
+            out = await self.batcher.submit(request.layer, *inputs)
         except MoEError as exc:
             self.metrics.forward_requests.labels(exc.code.name).inc()
             raise
         self.metrics.forward_requests.labels("OK").inc()
-        return serialize(pb.ForwardResponse(), {"output": out})
+        if target is None:
+            return serialize(pb.ForwardResponse(), {"output": out})
+        target.copy_(out)
+        if target.is_cuda:
+            # The master reads these bytes as soon as it has the reply, from another process.
+            torch.cuda.synchronize(target.device)
+        return pb.ForwardResponse()
+
+    def _output_view(self, request: pb.ForwardRequest) -> torch.Tensor | None:
+        if not request.HasField("output_shared"):
+            return None
+        return self._mapped().view(request.output_shared, "output_shared", self.engine.dtype, 2)
+
+    def _mapped(self) -> MappedRegion:
+        if self.region is None:
+            raise RegionNotAttachedError("region: no shared region is mapped on this worker")
+        return self.region
+
+    @error_boundary
+    async def AttachRegion(
+        self, request: pb.AttachRegionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttachRegionReply:
+        allow_cuda = any(d.type == "cuda" for d in self.engine.devices)
+        try:
+            region = MappedRegion(request, allow_cuda=allow_cuda)
+        except SharedMemoryError as exc:
+            return pb.AttachRegionReply(attached=False, reason=str(exc))
+        self.region = region  # replaces (and so unmaps) a previous master's region
+        log.info(
+            "worker %s: mapped the master's %d-byte region", self.engine.worker.id, region.size
+        )
+        return pb.AttachRegionReply(attached=True)
 
     def _decode(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, ...]:
         e = self.engine
@@ -40,7 +84,10 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
             raise InvalidRequestError(
                 "layer", f"{request.layer} is not a MoE layer; served: {sorted(e.stacks)}"
             )
-        hidden = tensor_from_pb(request.hidden, "hidden", dtypes=frozenset({e.dtype}), rank=2)
+        if request.HasField("hidden_shared"):
+            hidden = self._mapped().view(request.hidden_shared, "hidden_shared", e.dtype, 2)
+        else:
+            hidden = tensor_from_pb(request.hidden, "hidden", dtypes=frozenset({e.dtype}), rank=2)
         if hidden.shape[1] != e.model.hidden_size:
             raise InvalidRequestError(
                 "hidden.shape[1]", f"{hidden.shape[1]} != hidden_size={e.model.hidden_size}"

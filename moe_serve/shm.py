@@ -1,0 +1,276 @@
+"""Shared memory between the master and workers on its host: tensors skip the wire.
+
+The master owns one region: POSIX shared memory when its device is the CPU, device
+memory opened through CUDA IPC when it is a GPU. Same-host workers map it once
+(AttachRegion); a Forward call then carries offsets, the master writes the tokens in
+place and the worker writes its partial sums back in place. A worker on another host
+cannot map it and is sent bytes, as is a call that finds the region full.
+
+Only the master allocates and frees, on its event loop, so the allocator needs no lock;
+each in-flight call owns its blocks until it ends, so calls never see each other's bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import mmap
+import os
+import re
+import secrets
+from pathlib import Path
+
+import grpc
+import torch
+
+from moe_serve.errors import InvalidRequestError, MoEError
+from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.wire import dtype_name, itemsize, pb_dtype, torch_dtype
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+ALIGN = 256  # block offsets: any dtype's view lines up, and so do CUDA's vector loads
+_NAME = re.compile(r"^moe_serve-(\d+)-[0-9a-f]{16}$")
+
+
+class SharedMemoryError(MoEError):
+    """A region cannot be created or mapped here; the reason says why."""
+
+
+class RegionNotAttachedError(MoEError):
+    """A Forward names a region this worker has not mapped (it restarted, say)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class _Blocks:
+    """First-fit allocator of ALIGN-aligned byte ranges in [ALIGN, size)."""
+
+    def __init__(self, size: int) -> None:
+        self._free: list[tuple[int, int]] = [(ALIGN, size - ALIGN)] if size > ALIGN else []
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> int | None:
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        for i, (start, length) in enumerate(self._free):
+            if length >= need:
+                if length == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + need, length - need)
+                self.used += need
+                return start
+        return None
+
+    def free(self, start: int, nbytes: int) -> None:
+        length = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        self.used -= length
+        i = bisect.bisect(self._free, (start, length))
+        if i < len(self._free) and start + length == self._free[i][0]:  # merge with next
+            length += self._free.pop(i)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # with previous
+            start, length = self._free[i - 1][0], self._free[i - 1][1] + length
+            i -= 1
+            self._free.pop(i)
+        self._free.insert(i, (start, length))
+
+
+def _sweep_stale_host_regions() -> None:
+    """Remove regions left in /dev/shm by masters that died without closing them."""
+    for path in SHM_DIR.glob("moe_serve-*"):
+        m = _NAME.match(path.name)
+        if m is None:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                log.info("removed %s, left by a master that is gone", path)
+        except PermissionError:  # another user's live process
+            pass
+
+
+def _uuid(index: int) -> str:
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+class SharedRegion:
+    """The master's region on `device`: `size` bytes, an allocator, typed views."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        if size <= ALIGN:
+            raise SharedMemoryError(f"master.shared_memory_bytes: {size} is too small")
+        self.id, self.size, self.device = secrets.token_hex(8), size, device
+        self.nonce = secrets.token_bytes(16)
+        self._path: Path | None = None
+        if device.type == "cuda":
+            self.memory = torch.empty(size, dtype=torch.uint8, device=device)
+            self._describe = self._cuda_description()
+        else:
+            self.memory = self._host_memory(size)
+            self._describe = pb.AttachRegionRequest(host=pb.HostRegion(name=self._path.name))
+        # The nonce goes in the first (never allocated) block; see AttachRegionRequest.nonce.
+        self.memory[: len(self.nonce)].copy_(
+            torch.frombuffer(bytearray(self.nonce), dtype=torch.uint8)
+        )
+        self._describe.id, self._describe.size, self._describe.nonce = self.id, size, self.nonce
+        self._blocks = _Blocks(size)
+
+    def _host_memory(self, size: int) -> torch.Tensor:
+        if not SHM_DIR.is_dir():
+            raise SharedMemoryError(f"{SHM_DIR} does not exist on this host")
+        _sweep_stale_host_regions()
+        self._path = SHM_DIR / f"moe_serve-{os.getpid()}-{self.id}"
+        fd = os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            # Reserve every page now: a full /dev/shm fails here with ENOSPC, instead of
+            # killing a process with SIGBUS on first touch later.
+            os.posix_fallocate(fd, 0, size)
+            mapping = mmap.mmap(fd, size)
+        except OSError as exc:
+            self._path.unlink()
+            raise SharedMemoryError(f"cannot reserve {size} bytes in {SHM_DIR}: {exc}") from None
+        finally:
+            os.close(fd)
+        return torch.frombuffer(mapping, dtype=torch.uint8)
+
+    def _cuda_description(self) -> pb.AttachRegionRequest:
+        (_, handle, size, offset, ref_handle, ref_offset, event, event_sync) = (
+            self.memory.untyped_storage()._share_cuda_()
+        )
+        return pb.AttachRegionRequest(
+            cuda=pb.CudaRegion(
+                device_uuid=_uuid(self.device.index or 0),
+                handle=handle,
+                storage_size=size,
+                storage_offset=offset,
+                ref_counter_handle=ref_handle,
+                ref_counter_offset=ref_offset,
+                event_handle=event or b"",
+                event_sync_required=event_sync,
+            )
+        )
+
+    def description(self) -> pb.AttachRegionRequest:
+        """What a worker needs to map this region."""
+        return self._describe
+
+    @property
+    def used(self) -> int:
+        """Bytes in allocated blocks."""
+        return self._blocks.used
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a fresh block of at least nbytes, or None when the region is full."""
+        return self._blocks.alloc(nbytes)
+
+    def free(self, offset: int, nbytes: int) -> None:
+        """Give back a block from alloc."""
+        self._blocks.free(offset, nbytes)
+
+    def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor over the bytes at offset."""
+        nbytes = itemsize(dtype) * _numel(shape)
+        return self.memory[offset : offset + nbytes].view(dtype).view(shape)
+
+    def shared(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> pb.SharedTensor:
+        """The SharedTensor message naming view(offset, dtype, shape)."""
+        return pb.SharedTensor(region=self.id, offset=offset, dtype=pb_dtype(dtype), shape=shape)
+
+    def close(self) -> None:
+        """Unlink the host object (mapped workers keep their mapping until they drop it)."""
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._path.unlink()
+            self._path = None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class MappedRegion:
+    """A worker's mapping of the master's region."""
+
+    def __init__(self, request: pb.AttachRegionRequest, allow_cuda: bool) -> None:
+        self.id, self.size = request.id, request.size
+        kind = request.WhichOneof("memory")
+        if kind == "host":
+            self.memory = self._map_host(request.host.name, request.size)
+        elif kind == "cuda":
+            if not allow_cuda:
+                raise SharedMemoryError("this worker has no CUDA device")
+            self.memory = self._map_cuda(request.cuda, request.size)
+        else:
+            raise SharedMemoryError("memory: neither host nor cuda is set")
+        if (
+            request.nonce
+            and bytes(self.memory[: len(request.nonce)].cpu().tolist()) != request.nonce
+        ):
+            raise SharedMemoryError("the mapped memory does not hold the master's nonce")
+
+    @staticmethod
+    def _map_host(name: str, size: int) -> torch.Tensor:
+        if not _NAME.match(name):
+            raise SharedMemoryError(f"host.name: {name!r} is not a moe_serve region name")
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR)
+        except OSError as exc:
+            raise SharedMemoryError(f"cannot open {name} here (another host?): {exc}") from None
+        try:
+            if os.fstat(fd).st_size < size:
+                raise SharedMemoryError(f"{name} is smaller than {size} bytes")
+            return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _map_cuda(c: pb.CudaRegion, size: int) -> torch.Tensor:
+        if not torch.cuda.is_available():
+            raise SharedMemoryError("CUDA is not available in this worker")
+        index = next(
+            (i for i in range(torch.cuda.device_count()) if _uuid(i) == c.device_uuid), None
+        )
+        if index is None:
+            raise SharedMemoryError(f"no GPU here has UUID {c.device_uuid} (another host?)")
+        try:
+            storage = torch.UntypedStorage._new_shared_cuda(
+                index,
+                c.handle,
+                c.storage_size,
+                c.storage_offset,
+                c.ref_counter_handle,
+                c.ref_counter_offset,
+                c.event_handle or None,
+                c.event_sync_required,
+            )
+        except RuntimeError as exc:
+            raise SharedMemoryError(f"CUDA IPC open failed: {exc}") from None
+        memory = torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage)
+        if memory.numel() < size:
+            raise SharedMemoryError(f"the CUDA allocation is smaller than {size} bytes")
+        return memory[:size]
+
+    def view(self, t: pb.SharedTensor, field: str, dtype: torch.dtype, rank: int) -> torch.Tensor:
+        """The tensor `t` names, checked against this region; errors name `field`."""
+        if t.region != self.id:
+            raise RegionNotAttachedError(f"{field}.region: {t.region!r} is not mapped here")
+        if torch_dtype(t.dtype) != dtype:
+            raise InvalidRequestError(f"{field}.dtype", f"expected {dtype_name(dtype)}")
+        shape = tuple(t.shape)
+        if len(shape) != rank or any(d < 0 for d in shape):
+            raise InvalidRequestError(f"{field}.shape", f"{list(shape)}; expected rank {rank}")
+        nbytes = itemsize(dtype) * _numel(shape)
+        if t.offset % ALIGN or t.offset + nbytes > self.size:
+            raise InvalidRequestError(
+                f"{field}.offset",
+                f"{t.offset} (+{nbytes} bytes) must be a multiple of {ALIGN} within the "
+                f"{self.size}-byte region",
+            )
+        return self.memory[t.offset : t.offset + nbytes].view(dtype).view(shape)
