@@ -9,6 +9,8 @@ Every failure raises `MoEServeError` with the gRPC status `code` and the server'
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -18,11 +20,18 @@ import torch
 
 from moe_serve.errors import MoEError
 from moe_serve.rpc import message_options, unary_call
+from moe_serve.shm import SharedMemoryError, SharedRegion
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import Parsed, serialize, tensor_from_pb
+from moe_serve.wire import DTYPE_NAMES, Parsed, itemsize, serialize, tensor_from_pb
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
+# Region offered to a master on the same host; made on the first request of at least
+# SHARED_MIN_BYTES (smaller requests gain little, and should not make a client reserve it).
+DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
+SHARED_MIN_BYTES = 256 << 10
 
 
 class MoEServeError(Exception):
@@ -75,7 +84,7 @@ class ServiceInfo:
     workers: tuple[WorkerHealth, ...]
 
 
-def _request(x: torch.Tensor, layer: int, return_routing: bool) -> bytes:
+def _flat(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0:
         raise MoEServeError(
             grpc.StatusCode.INVALID_ARGUMENT, "x: expected shape [..., hidden_size]"
@@ -83,6 +92,10 @@ def _request(x: torch.Tensor, layer: int, return_routing: bool) -> bytes:
     flat = x.detach().reshape(-1, x.shape[-1])
     if flat.dtype == torch.float64:  # float64 does not travel; the model computes in <= 32 bits
         flat = flat.float()
+    return flat
+
+
+def _request(flat: torch.Tensor, layer: int, return_routing: bool) -> bytes:
     request = pb.InferRequest(layer=layer, return_routing=return_routing)
     try:
         return serialize(request, {"hidden": flat})
@@ -91,10 +104,14 @@ def _request(x: torch.Tensor, layer: int, return_routing: bool) -> bytes:
 
 
 def _result(
-    reply: Parsed[pb.InferResponse], x: torch.Tensor, return_routing: bool
+    reply: Parsed[pb.InferResponse],
+    x: torch.Tensor,
+    return_routing: bool,
+    shared_output: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
-    # copy=True: the decoded tensor is a read-only view of the reply bytes.
-    y = tensor_from_pb(reply.output, "output").to(x.device, x.dtype, copy=True).reshape(x.shape)
+    out = tensor_from_pb(reply.output, "output") if shared_output is None else shared_output
+    # copy=True: the output is a read-only view of the reply bytes or of a block reused later.
+    y = out.to(x.device, x.dtype, copy=True).reshape(x.shape)
     if not return_routing:
         return y
     r = reply.routing
@@ -106,6 +123,90 @@ def _result(
         load_balance_loss=r.load_balance_loss,
         importance_loss=r.importance_loss,
     )
+
+
+def _region_lost(exc: grpc.RpcError) -> bool:
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "region" in (exc.details() or "")
+
+
+@dataclass(frozen=True)
+class _Lease:
+    request: bytes
+    blocks: tuple[int, ...]
+    sizes: tuple[int, ...]
+    output: torch.Tensor  # view of the output block
+
+
+class _SharedPath:
+    """The client's side of shared memory with a master on its host (moe_serve.shm).
+
+    The region is made on the first request large enough to gain from it, on that
+    request's device (host shared memory, or CUDA IPC memory of a GPU), and offered to the
+    master once; a master elsewhere declines and every call carries bytes.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.region: SharedRegion | None = None
+        self.state = "new" if size > 0 else "off"  # "new" | "attached" | "off"
+        self.model_dtype: torch.dtype | None = None
+
+    def wants(self, flat: torch.Tensor) -> bool:
+        return self.state != "off" and flat.numel() * flat.element_size() >= SHARED_MIN_BYTES
+
+    def offer(self, flat: torch.Tensor, model_dtype: str) -> pb.AttachRegionRequest | None:
+        """The region to offer (made now if needed), or None when this host cannot make one."""
+        self.model_dtype = DTYPE_NAMES[model_dtype]
+        if self.region is None:
+            try:
+                self.region = SharedRegion(self.size, flat.device)
+            except SharedMemoryError as exc:
+                log.info("moe_serve client: no shared memory (%s); sending bytes", exc)
+                self.state = "off"
+                return None
+        return self.region.description()
+
+    def attached(self, reply: pb.AttachRegionReply) -> None:
+        self.state = "attached" if reply.attached else "off"
+        if not reply.attached:
+            log.info("moe_serve client: master did not map the region (%s)", reply.reason)
+            self.close()
+
+    def begin(self, flat: torch.Tensor, layer: int, return_routing: bool) -> _Lease | None:
+        """Write `flat` into a block and build the request; None when the region is full."""
+        r, dtype = self.region, self.model_dtype
+        if self.state != "attached" or r is None or dtype is None:
+            return None
+        shape = (flat.shape[0], flat.shape[1])
+        sizes = (flat.numel() * flat.element_size(), flat.numel() * itemsize(dtype))
+        blocks = r.lease(*sizes)
+        if blocks is None:
+            return None
+        r.view(blocks[0], flat.dtype, shape).copy_(flat)
+        if r.device.type == "cuda":
+            # The master reads these bytes from another process once it has the request.
+            torch.cuda.current_stream(r.device).synchronize()
+        request = pb.InferRequest(
+            layer=layer,
+            return_routing=return_routing,
+            hidden_shared=r.shared(blocks[0], flat.dtype, shape),
+            output_shared=r.shared(blocks[1], dtype, shape),
+        )
+        output = r.view(blocks[1], dtype, shape)
+        return _Lease(request.SerializeToString(), blocks, sizes, output)
+
+    def end(self, lease: _Lease, clean: bool) -> None:
+        if self.region is not None:
+            self.region.release(lease.blocks, lease.sizes, clean)
+
+    def lost(self) -> None:
+        """The master no longer has the region mapped (it restarted): offer it again."""
+        self.state = "new"
+
+    def close(self) -> None:
+        if self.region is not None:
+            self.region.close()
+            self.region = None
 
 
 def _info(msg: pb.MasterInfo) -> ServiceInfo:
@@ -147,11 +248,13 @@ class MoEClient:
         address: str,
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
     ) -> None:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
+        self._shared = _SharedPath(shared_memory_bytes)
 
     def infer(
         self,
@@ -161,12 +264,37 @@ class MoEClient:
         timeout: float | None = None,
     ) -> Any:
         """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
-        request = _request(x, layer, return_routing)
+        flat, timeout = _flat(x), timeout or self.timeout
+        if self._shared.wants(flat):
+            if self._shared.state == "new":
+                self._attach(flat, timeout)
+            lease = self._shared.begin(flat, layer, return_routing)
+            if lease is not None:
+                clean = False
+                try:
+                    reply = self._infer(lease.request, timeout=timeout)
+                    clean = True
+                    return _result(reply, x, return_routing, lease.output)
+                except grpc.RpcError as exc:
+                    if not _region_lost(exc):
+                        raise _error(exc) from None
+                    clean = True  # refused before the master touched the blocks
+                    self._shared.lost()
+                finally:
+                    self._shared.end(lease, clean)
         try:
-            reply = self._infer(request, timeout=timeout or self.timeout)
+            reply = self._infer(_request(flat, layer, return_routing), timeout=timeout)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)
+
+    def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
+        offer = self._shared.offer(flat, self.info(timeout).dtype)
+        if offer is not None:
+            try:
+                self._shared.attached(self._stub.AttachRegion(offer, timeout=timeout))
+            except grpc.RpcError as exc:
+                raise _error(exc) from None
 
     def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
@@ -176,8 +304,9 @@ class MoEClient:
             raise _error(exc) from None
 
     def close(self) -> None:
-        """Close the channel."""
+        """Close the channel and the shared region."""
         self._channel.close()
+        self._shared.close()
 
     def __enter__(self) -> Self:
         return self
@@ -196,6 +325,7 @@ class AsyncMoEClient:
         address: str,
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
     ) -> None:
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(
@@ -203,6 +333,8 @@ class AsyncMoEClient:
         )
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
+        self._shared = _SharedPath(shared_memory_bytes)
+        self._attaching = asyncio.Lock()
 
     async def infer(
         self,
@@ -212,12 +344,38 @@ class AsyncMoEClient:
         timeout: float | None = None,
     ) -> Any:
         """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
-        request = _request(x, layer, return_routing)
+        flat, timeout = _flat(x), timeout or self.timeout
+        if self._shared.wants(flat):
+            async with self._attaching:  # one offer, however many calls are waiting
+                if self._shared.state == "new":
+                    await self._attach(flat, timeout)
+            lease = self._shared.begin(flat, layer, return_routing)
+            if lease is not None:
+                clean = False
+                try:
+                    reply = await self._infer(lease.request, timeout=timeout)
+                    clean = True
+                    return _result(reply, x, return_routing, lease.output)
+                except grpc.aio.AioRpcError as exc:
+                    if not _region_lost(exc):
+                        raise _error(exc) from None
+                    clean = True  # refused before the master touched the blocks
+                    self._shared.lost()
+                finally:
+                    self._shared.end(lease, clean)
         try:
-            reply = await self._infer(request, timeout=timeout or self.timeout)
+            reply = await self._infer(_request(flat, layer, return_routing), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)
+
+    async def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
+        offer = self._shared.offer(flat, (await self.info(timeout)).dtype)
+        if offer is not None:
+            try:
+                self._shared.attached(await self._stub.AttachRegion(offer, timeout=timeout))
+            except grpc.aio.AioRpcError as exc:
+                raise _error(exc) from None
 
     async def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
@@ -228,8 +386,9 @@ class AsyncMoEClient:
         return _info(reply)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel and the shared region."""
         await self._channel.close()
+        self._shared.close()
 
     async def __aenter__(self) -> Self:
         return self

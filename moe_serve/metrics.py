@@ -65,6 +65,12 @@ class MasterMetrics:
             ["layer"],
             registry=r,
         )
+        self.infer_transport = Counter(
+            "moe_serve_master_infer_transport",
+            "Infer requests by how the hidden states came: 'shared' (client region) or 'bytes'",
+            ["transport"],
+            registry=r,
+        )
         self.worker_calls = Counter(
             "moe_serve_worker_calls",
             "Forward calls by worker and transport: 'shared' (memory region) or 'bytes' (gRPC)",

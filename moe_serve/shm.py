@@ -1,13 +1,13 @@
-"""Shared memory between the master and workers on its host: tensors skip the wire.
+"""Shared memory between processes on one host: tensors skip the wire.
 
-The master owns one region: POSIX shared memory when its device is the CPU, device
-memory opened through CUDA IPC when it is a GPU. Same-host workers map it once
-(AttachRegion); a Forward call then carries offsets, the master writes the tokens in
-place and the worker writes its partial sums back in place. A worker on another host
-cannot map it and is sent bytes, as is a call that finds the region full.
+An owner (the master towards its workers, a client towards the master) creates a region:
+POSIX shared memory for host tensors, device memory opened through CUDA IPC for GPU
+tensors. The peer maps it once (AttachRegion); calls then carry offsets: the owner
+writes the inputs in place, the peer writes the outputs back in place. A peer on another
+host cannot map the region and is sent bytes, as is a call that finds the region full.
 
-Only the master allocates and frees, on its event loop, so the allocator needs no lock;
-each in-flight call owns its blocks until it ends, so calls never see each other's bytes.
+Only the owner allocates and frees, on one thread, so the allocator needs no lock; each
+in-flight call owns its blocks until it ends, so calls never see each other's bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import mmap
 import os
 import re
 import secrets
+import time
+from collections import deque
 from pathlib import Path
 
 import grpc
@@ -31,6 +33,9 @@ from moe_serve.wire import dtype_name, itemsize, pb_dtype, torch_dtype
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
+# A failed call's blocks stay reserved this long: its peer may still be writing its output
+# there, and a reused block would hand those bytes to another call.
+QUARANTINE_S = 60.0
 ALIGN = 256  # block offsets: any dtype's view lines up, and so do CUDA's vector loads
 _NAME = re.compile(r"^moe_serve-(\d+)-[0-9a-f]{16}$")
 
@@ -98,11 +103,11 @@ def _uuid(index: int) -> str:
 
 
 class SharedRegion:
-    """The master's region on `device`: `size` bytes, an allocator, typed views."""
+    """An owner's region on `device`: `size` bytes, an allocator, typed views."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         if size <= ALIGN:
-            raise SharedMemoryError(f"master.shared_memory_bytes: {size} is too small")
+            raise SharedMemoryError(f"a region needs more than {ALIGN} bytes, got {size}")
         self.id, self.size, self.device = secrets.token_hex(8), size, device
         self.nonce = secrets.token_bytes(16)
         self._path: Path | None = None
@@ -118,6 +123,7 @@ class SharedRegion:
         )
         self._describe.id, self._describe.size, self._describe.nonce = self.id, size, self.nonce
         self._blocks = _Blocks(size)
+        self._quarantine: deque[tuple[float, tuple[int, ...], tuple[int, ...]]] = deque()
 
     def _host_memory(self, size: int) -> torch.Tensor:
         if not SHM_DIR.is_dir():
@@ -171,6 +177,32 @@ class SharedRegion:
         """Give back a block from alloc."""
         self._blocks.free(offset, nbytes)
 
+    def lease(self, *sizes: int) -> tuple[int, ...] | None:
+        """One block per size, all or none (None when the region is full)."""
+        now = time.monotonic()
+        while self._quarantine and self._quarantine[0][0] <= now:
+            _, offsets, held = self._quarantine.popleft()
+            for offset, nbytes in zip(offsets, held, strict=True):
+                self.free(offset, nbytes)
+        offsets = []
+        for nbytes in sizes:
+            offset = self.alloc(nbytes)
+            if offset is None:
+                for o, n in zip(offsets, sizes, strict=False):
+                    self.free(o, n)
+                return None
+            offsets.append(offset)
+        return tuple(offsets)
+
+    def release(self, offsets: tuple[int, ...], sizes: tuple[int, ...], clean: bool) -> None:
+        """Give back a lease. After a failed or timed-out call (`clean` False) the peer may
+        still write into its blocks, so they are held for QUARANTINE_S before reuse."""
+        if clean:
+            for offset, nbytes in zip(offsets, sizes, strict=True):
+                self.free(offset, nbytes)
+        else:
+            self._quarantine.append((time.monotonic() + QUARANTINE_S, offsets, sizes))
+
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor over the bytes at offset."""
         nbytes = itemsize(dtype) * _numel(shape)
@@ -196,7 +228,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 class MappedRegion:
-    """A worker's mapping of the master's region."""
+    """A peer's mapping of an owner's region."""
 
     def __init__(self, request: pb.AttachRegionRequest, allow_cuda: bool) -> None:
         self.id, self.size = request.id, request.size
@@ -213,7 +245,7 @@ class MappedRegion:
             request.nonce
             and bytes(self.memory[: len(request.nonce)].cpu().tolist()) != request.nonce
         ):
-            raise SharedMemoryError("the mapped memory does not hold the master's nonce")
+            raise SharedMemoryError("the mapped memory does not hold the owner's nonce")
 
     @staticmethod
     def _map_host(name: str, size: int) -> torch.Tensor:
@@ -257,20 +289,62 @@ class MappedRegion:
             raise SharedMemoryError(f"the CUDA allocation is smaller than {size} bytes")
         return memory[:size]
 
-    def view(self, t: pb.SharedTensor, field: str, dtype: torch.dtype, rank: int) -> torch.Tensor:
+    def view(
+        self, t: pb.SharedTensor, field: str, dtypes: frozenset[torch.dtype], rank: int
+    ) -> torch.Tensor:
         """The tensor `t` names, checked against this region; errors name `field`."""
         if t.region != self.id:
             raise RegionNotAttachedError(f"{field}.region: {t.region!r} is not mapped here")
-        if torch_dtype(t.dtype) != dtype:
-            raise InvalidRequestError(f"{field}.dtype", f"expected {dtype_name(dtype)}")
-        shape = tuple(t.shape)
-        if len(shape) != rank or any(d < 0 for d in shape):
-            raise InvalidRequestError(f"{field}.shape", f"{list(shape)}; expected rank {rank}")
-        nbytes = itemsize(dtype) * _numel(shape)
-        if t.offset % ALIGN or t.offset + nbytes > self.size:
-            raise InvalidRequestError(
-                f"{field}.offset",
-                f"{t.offset} (+{nbytes} bytes) must be a multiple of {ALIGN} within the "
-                f"{self.size}-byte region",
-            )
-        return self.memory[t.offset : t.offset + nbytes].view(dtype).view(shape)
+        return _checked_view(self.memory, self.size, t, field, dtypes, rank)
+
+
+def _checked_view(
+    memory: torch.Tensor,
+    size: int,
+    t: pb.SharedTensor,
+    field: str,
+    dtypes: frozenset[torch.dtype],
+    rank: int,
+) -> torch.Tensor:
+    dtype = torch_dtype(t.dtype)
+    if dtype not in dtypes:
+        expected = sorted(dtype_name(d) for d in dtypes)
+        raise InvalidRequestError(f"{field}.dtype", f"enum {t.dtype}; expected one of {expected}")
+    shape = tuple(t.shape)
+    if len(shape) != rank or any(d < 0 for d in shape):
+        raise InvalidRequestError(f"{field}.shape", f"{list(shape)}; expected rank {rank}")
+    nbytes = itemsize(dtype) * _numel(shape)
+    if t.offset % ALIGN or t.offset + nbytes > size:
+        raise InvalidRequestError(
+            f"{field}.offset",
+            f"{t.offset} (+{nbytes} bytes) must be a multiple of {ALIGN} within the "
+            f"{size}-byte region",
+        )
+    return memory[t.offset : t.offset + nbytes].view(dtype).view(shape)
+
+
+class RegionTable:
+    """The regions the master has mapped, one per client on its host, newest `capacity`
+    kept (mapping an older one again is one AttachRegion call for its client)."""
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._regions: dict[str, MappedRegion] = {}
+
+    def attach(self, request: pb.AttachRegionRequest, allow_cuda: bool) -> MappedRegion:
+        """Map the region `request` offers; SharedMemoryError if it cannot be mapped here."""
+        region = MappedRegion(request, allow_cuda)
+        self._regions.pop(region.id, None)
+        self._regions[region.id] = region
+        while len(self._regions) > self.capacity:
+            del self._regions[next(iter(self._regions))]  # dicts keep insertion order
+        return region
+
+    def view(
+        self, t: pb.SharedTensor, field: str, dtypes: frozenset[torch.dtype], rank: int
+    ) -> torch.Tensor:
+        """As MappedRegion.view, in whichever mapped region `t` names."""
+        region = self._regions.get(t.region)
+        if region is None:
+            raise RegionNotAttachedError(f"{field}.region: {t.region!r} is not mapped here")
+        return region.view(t, field, dtypes, rank)

@@ -28,6 +28,7 @@ from tests.test_metrics import scrape, total
 
 FP32_TOL = 1e-5
 CPU = torch.device("cpu")
+F32 = frozenset({torch.float32})
 
 # --------------------------------------------------------------------- allocator ---
 
@@ -62,7 +63,7 @@ def test_worker_maps_the_masters_host_region_and_sees_its_writes() -> None:
         region.view(offset, torch.float32, (4, 8)).copy_(torch.arange(32.0).view(4, 8))
         shared = region.shared(offset, torch.float32, (4, 8))
         assert torch.equal(
-            mapped.view(shared, "hidden_shared", torch.float32, 2), torch.arange(32.0).view(4, 8)
+            mapped.view(shared, "hidden_shared", F32, 2), torch.arange(32.0).view(4, 8)
         )
     finally:
         region.close()
@@ -116,7 +117,7 @@ def test_bad_shared_tensor_names_the_field(change: dict[str, Any], field: str) -
             else:
                 setattr(shared, key, value)
         with pytest.raises(InvalidRequestError) as err:
-            mapped.view(shared, "hidden_shared", torch.float32, 2)
+            mapped.view(shared, "hidden_shared", F32, 2)
         assert err.value.field == field
     finally:
         region.close()
@@ -127,7 +128,7 @@ def test_unknown_region_id_is_not_attached() -> None:
     try:
         mapped = MappedRegion(region.description(), allow_cuda=False)
         with pytest.raises(RegionNotAttachedError):
-            mapped.view(pb.SharedTensor(region="f" * 16), "hidden_shared", torch.float32, 2)
+            mapped.view(pb.SharedTensor(region="f" * 16), "hidden_shared", F32, 2)
     finally:
         region.close()
 
@@ -194,3 +195,50 @@ def test_full_region_falls_back_to_bytes_with_the_same_result(
     samples = scrape(tiny.metrics_url())
     assert total(samples, "moe_serve_master_shared_fallbacks_total") >= 1
     assert total(samples, "moe_serve_worker_calls_total", transport="bytes") >= 1
+
+
+# ------------------------------------------------------------ client <-> master ---
+
+BIG = 4096  # 4096 x 64 float32 = 1 MiB: above the client's SHARED_MIN_BYTES
+
+
+def test_large_requests_from_a_same_host_client_use_shared_memory(shared: Cluster) -> None:
+    with MoEClient(shared.address) as client:
+        client.infer(_x(BIG, 1))
+        client.infer(_x(BIG, 2))
+    samples = scrape(shared.metrics_url())
+    assert total(samples, "moe_serve_master_infer_transport_total", transport="shared") == 2
+
+
+def test_client_shared_memory_gives_the_bytes_result_bit_identical(
+    shared: Cluster, plain: Cluster
+) -> None:
+    x = _x(BIG, 3)
+    with MoEClient(shared.address) as a, MoEClient(plain.address, shared_memory_bytes=0) as b:
+        y, routing = a.infer(x, return_routing=True)
+        y_bytes, routing_bytes = b.infer(x, return_routing=True)
+    assert torch.equal(y, y_bytes)
+    assert torch.equal(routing.weights, routing_bytes.weights)
+
+
+def test_concurrent_large_requests_from_one_client_do_not_mix(shared: Cluster) -> None:
+    ref = ReferenceMoE(shared.cfg.model, shared.cfg.routing)
+    xs = [_x(BIG + 64 * i, 200 + i) for i in range(6)]
+
+    async def main() -> list[torch.Tensor]:
+        async with AsyncMoEClient(shared.address) as client:
+            return await asyncio.gather(*(client.infer(x) for x in xs))
+
+    for x, y in zip(xs, asyncio.run(main()), strict=True):
+        expected, _ = ref.forward(x, 0)
+        assert (y - expected).abs().max().item() <= FP32_TOL
+
+
+def test_client_with_shared_memory_off_sends_bytes(plain: Cluster) -> None:
+    before = scrape(plain.metrics_url())
+    with MoEClient(plain.address, shared_memory_bytes=0) as client:
+        client.infer(_x(BIG, 4))
+    after = scrape(plain.metrics_url())
+    name = "moe_serve_master_infer_transport_total"
+    assert total(after, name, transport="bytes") - total(before, name, transport="bytes") == 1
+    assert total(after, name, transport="shared") == 0

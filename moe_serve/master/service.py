@@ -6,6 +6,7 @@ Legend: T tokens, H hidden size, E experts, K top_k.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,10 +22,13 @@ from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
 from moe_serve.placement import Placement
 from moe_serve.rpc import error_boundary
+from moe_serve.shm import RegionTable, SharedMemoryError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, tensor_from_pb, tensor_to_pb
+from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, serialize, tensor_from_pb, tensor_to_pb
+
+log = logging.getLogger(__name__)
 
 
 class MasterService(pb_grpc.MoEMasterServicer):
@@ -44,11 +48,10 @@ class MasterService(pb_grpc.MoEMasterServicer):
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared")
         self.placement = Placement.from_config(cfg)
         self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
+        self.client_regions = RegionTable()  # regions of clients on this host, by id
 
     @error_boundary
-    async def Infer(
-        self, request: pb.InferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.InferResponse:
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         start, code = time.perf_counter(), "INTERNAL"
         try:
             reply = await self._infer(request, context.time_remaining())
@@ -63,8 +66,9 @@ class MasterService(pb_grpc.MoEMasterServicer):
             self.metrics.requests.labels(layer, code).inc()
             self.metrics.request_seconds.observe(time.perf_counter() - start)
 
-    async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> pb.InferResponse:
+    async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> bytes:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
+        target = self._output_view(request, x.shape)
         r = self.gates[layer](x, losses=request.return_routing)
         slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
@@ -82,10 +86,39 @@ class MasterService(pb_grpc.MoEMasterServicer):
         if layer in self.shared:
             out += results[-1].float()
         self._observe(layer, r)
-        reply = pb.InferResponse(output=tensor_to_pb(out.to(self.dtype)))
+        reply = pb.InferResponse()
         if request.return_routing:
             reply.routing.CopyFrom(_routing_pb(r))
-        return reply
+        if target is None:
+            return serialize(reply, {"output": out.to(self.dtype)})
+        target.copy_(out)
+        if target.is_cuda:
+            # The client reads these bytes as soon as it has the reply, from another process.
+            torch.cuda.synchronize(target.device)
+        return reply.SerializeToString()
+
+    def _output_view(self, request: pb.InferRequest, shape: torch.Size) -> torch.Tensor | None:
+        if not request.HasField("output_shared"):
+            return None
+        view = self.client_regions.view(
+            request.output_shared, "output_shared", frozenset({self.dtype}), 2
+        )
+        if view.shape != shape:
+            raise InvalidRequestError(
+                "output_shared.shape", f"{list(view.shape)}; expected {list(shape)} (as hidden)"
+            )
+        return view
+
+    @error_boundary
+    async def AttachRegion(
+        self, request: pb.AttachRegionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AttachRegionReply:
+        try:
+            region = self.client_regions.attach(request, allow_cuda=torch.cuda.is_available())
+        except SharedMemoryError as exc:
+            return pb.AttachRegionReply(attached=False, reason=str(exc))
+        log.info("master: mapped a client's %d-byte region", region.size)
+        return pb.AttachRegionReply(attached=True)
 
     def _decode(self, request: pb.InferRequest) -> torch.Tensor:
         layers = self.cfg.model.moe_layers
@@ -93,7 +126,12 @@ class MasterService(pb_grpc.MoEMasterServicer):
             raise InvalidRequestError(
                 "layer", f"{request.layer} is not a MoE layer; served: {list(layers)}"
             )
-        x = tensor_from_pb(request.hidden, "hidden", dtypes=FLOAT_DTYPES, rank=2)
+        if request.HasField("hidden_shared"):
+            x = self.client_regions.view(request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2)
+            self.metrics.infer_transport.labels("shared").inc()
+        else:
+            x = tensor_from_pb(request.hidden, "hidden", dtypes=FLOAT_DTYPES, rank=2)
+            self.metrics.infer_transport.labels("bytes").inc()
         T, H = x.shape
         if self.cfg.model.hidden_size != H:
             raise InvalidRequestError(

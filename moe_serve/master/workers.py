@@ -34,9 +34,6 @@ from moe_serve.wire import serialize, tensor_from_pb
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
-# A failed or timed-out call's blocks stay reserved this long: its worker may still be
-# writing its output there, and a reused block would hand those bytes to another call.
-QUARANTINE_S = 60.0
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -102,14 +99,13 @@ class WorkerPool:
         """forward through the shared region; None when it is full or the worker lost it."""
         shape = (sl.token_index.shape[0], x.shape[1])
         nbytes = shape[0] * shape[1] * x.element_size()
-        blocks = [b for b in (region.alloc(nbytes), region.alloc(nbytes)) if b is not None]
-        if len(blocks) < 2:
-            for b in blocks:
-                region.free(b, nbytes)
+        sizes = (nbytes, nbytes)
+        blocks = region.lease(*sizes)
+        if blocks is None:
             self.metrics.shared_fallbacks.inc()
             return None
         hidden, output = blocks
-        done = False
+        clean = False
         try:
             torch.index_select(
                 x, 0, sl.token_index.to(x.device), out=region.view(hidden, x.dtype, shape)
@@ -127,20 +123,14 @@ class WorkerPool:
             except RegionLostError:
                 self.attached[sl.worker] = False
                 asyncio.get_running_loop().create_task(self._attach(sl.worker))
-                done = True  # the worker refused before touching the blocks
+                clean = True  # the worker refused before touching the blocks
                 return None
             # The worker synchronised its writes before replying; copy out before reuse.
             out = region.view(output, x.dtype, shape).clone()
-            done = True
+            clean = True
             return out
         finally:
-            if done:
-                region.free(hidden, nbytes)
-                region.free(output, nbytes)
-            else:
-                asyncio.get_running_loop().call_later(
-                    QUARANTINE_S, lambda: (region.free(hidden, nbytes), region.free(output, nbytes))
-                )
+            region.release(blocks, sizes, clean)
 
     async def _call(
         self, sl: WorkerSlice, layer: int, request: bytes, timeout_s: float, transport: str

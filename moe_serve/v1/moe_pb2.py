@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe_serve/v1/moe.proto\x12\x0cmoe_serve.v1\"Z\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.moe_serve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07padding\x18\x0f \x01(\x0c\"[\n\x0cInferRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x16\n\x0ereturn_routing\x18\x03 \x01(\x08\"\xcb\x01\n\x07Routing\x12(\n\nexpert_ids\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12%\n\x07weights\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12$\n\x06scores\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x15\n\rdropped_pairs\x18\x04 \x01(\x04\x12\x19\n\x11load_balance_loss\x18\x05 \x01(\x02\x12\x17\n\x0fimportance_loss\x18\x06 \x01(\x02\"]\n\rInferResponse\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12&\n\x07routing\x18\x02 \x01(\x0b\x32\x15.moe_serve.v1.Routing\"\x10\n\x0eGetInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"|\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12-\n\tplacement\x18\x04 \x03(\x0b\x32\x1a.moe_serve.v1.LayerExperts\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\"\xb1\x02\n\nMasterInfo\x12\x13\n\x0bhidden_size\x18\x01 \x01(\r\x12\x17\n\x0f\x65xpert_ffn_size\x18\x02 \x01(\r\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x13\n\x0b\x65xpert_kind\x18\x05 \x01(\t\x12\x12\n\nactivation\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12+\n\x07workers\x18\t \x03(\x0b\x32\x1a.moe_serve.v1.WorkerStatus\x12\x0f\n\x07scoring\x18\n \x01(\t\x12\x16\n\x0enormalize_topk\x18\x0b \x01(\x08\x12\x17\n\x0f\x63\x61pacity_factor\x18\x0c \x01(\x01\x12\x1a\n\x12max_request_tokens\x18\r \x01(\x04\"\xab\x02\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12(\n\npair_token\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12)\n\x0bpair_expert\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12)\n\x0bpair_weight\x18\x05 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x31\n\rhidden_shared\x18\x06 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\x12\x31\n\routput_shared\x18\x07 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\"7\n\x0f\x46orwardResponse\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\"a\n\x0cSharedTensor\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.moe_serve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x1a\n\nHostRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xca\x01\n\nCudaRegion\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x03 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"\x9c\x01\n\x13\x41ttachRegionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12(\n\x04host\x18\x04 \x01(\x0b\x32\x18.moe_serve.v1.HostRegionH\x00\x12(\n\x04\x63uda\x18\x05 \x01(\x0b\x32\x18.moe_serve.v1.CudaRegionH\x00\x42\x08\n\x06memory\"5\n\x11\x41ttachRegionReply\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x03(\t\x12-\n\tplacement\x18\x03 \x03(\x0b\x32\x1a.moe_serve.v1.LayerExperts\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t*\x91\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x06\x32\x90\x01\n\tMoEMaster\x12@\n\x05Infer\x12\x1a.moe_serve.v1.InferRequest\x1a\x1b.moe_serve.v1.InferResponse\x12\x41\n\x07GetInfo\x12\x1c.moe_serve.v1.GetInfoRequest\x1a\x18.moe_serve.v1.MasterInfo2\xed\x01\n\x0c\x45xpertWorker\x12\x46\n\x07\x46orward\x12\x1c.moe_serve.v1.ForwardRequest\x1a\x1d.moe_serve.v1.ForwardResponse\x12R\n\x0c\x41ttachRegion\x12!.moe_serve.v1.AttachRegionRequest\x1a\x1f.moe_serve.v1.AttachRegionReply\x12\x41\n\x07GetInfo\x12\x1c.moe_serve.v1.GetInfoRequest\x1a\x18.moe_serve.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16moe_serve/v1/moe.proto\x12\x0cmoe_serve.v1\"Z\n\x06Tensor\x12\"\n\x05\x64type\x18\x01 \x01(\x0e\x32\x13.moe_serve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0f\n\x07padding\x18\x0f \x01(\x0c\"\xc1\x01\n\x0cInferRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x16\n\x0ereturn_routing\x18\x03 \x01(\x08\x12\x31\n\rhidden_shared\x18\x04 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\x12\x31\n\routput_shared\x18\x05 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\"\xcb\x01\n\x07Routing\x12(\n\nexpert_ids\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12%\n\x07weights\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12$\n\x06scores\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x15\n\rdropped_pairs\x18\x04 \x01(\x04\x12\x19\n\x11load_balance_loss\x18\x05 \x01(\x02\x12\x17\n\x0fimportance_loss\x18\x06 \x01(\x02\"]\n\rInferResponse\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12&\n\x07routing\x18\x02 \x01(\x0b\x32\x15.moe_serve.v1.Routing\"\x10\n\x0eGetInfoRequest\".\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0f\n\x07\x65xperts\x18\x02 \x03(\r\"|\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12-\n\tplacement\x18\x04 \x03(\x0b\x32\x1a.moe_serve.v1.LayerExperts\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\"\xb1\x02\n\nMasterInfo\x12\x13\n\x0bhidden_size\x18\x01 \x01(\r\x12\x17\n\x0f\x65xpert_ffn_size\x18\x02 \x01(\r\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x13\n\x0b\x65xpert_kind\x18\x05 \x01(\t\x12\x12\n\nactivation\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06layers\x18\x08 \x03(\r\x12+\n\x07workers\x18\t \x03(\x0b\x32\x1a.moe_serve.v1.WorkerStatus\x12\x0f\n\x07scoring\x18\n \x01(\t\x12\x16\n\x0enormalize_topk\x18\x0b \x01(\x08\x12\x17\n\x0f\x63\x61pacity_factor\x18\x0c \x01(\x01\x12\x1a\n\x12max_request_tokens\x18\r \x01(\x04\"\xab\x02\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12(\n\npair_token\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12)\n\x0bpair_expert\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12)\n\x0bpair_weight\x18\x05 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x31\n\rhidden_shared\x18\x06 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\x12\x31\n\routput_shared\x18\x07 \x01(\x0b\x32\x1a.moe_serve.v1.SharedTensor\"7\n\x0f\x46orwardResponse\x12$\n\x06output\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\"a\n\x0cSharedTensor\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\"\n\x05\x64type\x18\x03 \x01(\x0e\x32\x13.moe_serve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\"\x1a\n\nHostRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xca\x01\n\nCudaRegion\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x14\n\x0cstorage_size\x18\x03 \x01(\x04\x12\x16\n\x0estorage_offset\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"\x9c\x01\n\x13\x41ttachRegionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12(\n\x04host\x18\x04 \x01(\x0b\x32\x18.moe_serve.v1.HostRegionH\x00\x12(\n\x04\x63uda\x18\x05 \x01(\x0b\x32\x18.moe_serve.v1.CudaRegionH\x00\x42\x08\n\x06memory\"5\n\x11\x41ttachRegionReply\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x02 \x03(\t\x12-\n\tplacement\x18\x03 \x03(\x0b\x32\x1a.moe_serve.v1.LayerExperts\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t*\x91\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x15\n\x11\x44TYPE_FLOAT8_E4M3\x10\x06\x32\xe4\x01\n\tMoEMaster\x12@\n\x05Infer\x12\x1a.moe_serve.v1.InferRequest\x1a\x1b.moe_serve.v1.InferResponse\x12\x41\n\x07GetInfo\x12\x1c.moe_serve.v1.GetInfoRequest\x1a\x18.moe_serve.v1.MasterInfo\x12R\n\x0c\x41ttachRegion\x12!.moe_serve.v1.AttachRegionRequest\x1a\x1f.moe_serve.v1.AttachRegionReply2\xed\x01\n\x0c\x45xpertWorker\x12\x46\n\x07\x46orward\x12\x1c.moe_serve.v1.ForwardRequest\x1a\x1d.moe_serve.v1.ForwardResponse\x12R\n\x0c\x41ttachRegion\x12!.moe_serve.v1.AttachRegionRequest\x1a\x1f.moe_serve.v1.AttachRegionReply\x12\x41\n\x07GetInfo\x12\x1c.moe_serve.v1.GetInfoRequest\x1a\x18.moe_serve.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_serve.v1.moe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2058
-  _globals['_DTYPE']._serialized_end=2203
+  _globals['_DTYPE']._serialized_start=2161
+  _globals['_DTYPE']._serialized_end=2306
   _globals['_TENSOR']._serialized_start=40
   _globals['_TENSOR']._serialized_end=130
-  _globals['_INFERREQUEST']._serialized_start=132
-  _globals['_INFERREQUEST']._serialized_end=223
-  _globals['_ROUTING']._serialized_start=226
-  _globals['_ROUTING']._serialized_end=429
-  _globals['_INFERRESPONSE']._serialized_start=431
-  _globals['_INFERRESPONSE']._serialized_end=524
-  _globals['_GETINFOREQUEST']._serialized_start=526
-  _globals['_GETINFOREQUEST']._serialized_end=542
-  _globals['_LAYEREXPERTS']._serialized_start=544
-  _globals['_LAYEREXPERTS']._serialized_end=590
-  _globals['_WORKERSTATUS']._serialized_start=592
-  _globals['_WORKERSTATUS']._serialized_end=716
-  _globals['_MASTERINFO']._serialized_start=719
-  _globals['_MASTERINFO']._serialized_end=1024
-  _globals['_FORWARDREQUEST']._serialized_start=1027
-  _globals['_FORWARDREQUEST']._serialized_end=1326
-  _globals['_FORWARDRESPONSE']._serialized_start=1328
-  _globals['_FORWARDRESPONSE']._serialized_end=1383
-  _globals['_SHAREDTENSOR']._serialized_start=1385
-  _globals['_SHAREDTENSOR']._serialized_end=1482
-  _globals['_HOSTREGION']._serialized_start=1484
-  _globals['_HOSTREGION']._serialized_end=1510
-  _globals['_CUDAREGION']._serialized_start=1513
-  _globals['_CUDAREGION']._serialized_end=1715
-  _globals['_ATTACHREGIONREQUEST']._serialized_start=1718
-  _globals['_ATTACHREGIONREQUEST']._serialized_end=1874
-  _globals['_ATTACHREGIONREPLY']._serialized_start=1876
-  _globals['_ATTACHREGIONREPLY']._serialized_end=1929
-  _globals['_WORKERINFO']._serialized_start=1931
-  _globals['_WORKERINFO']._serialized_end=2055
-  _globals['_MOEMASTER']._serialized_start=2206
-  _globals['_MOEMASTER']._serialized_end=2350
-  _globals['_EXPERTWORKER']._serialized_start=2353
-  _globals['_EXPERTWORKER']._serialized_end=2590
+  _globals['_INFERREQUEST']._serialized_start=133
+  _globals['_INFERREQUEST']._serialized_end=326
+  _globals['_ROUTING']._serialized_start=329
+  _globals['_ROUTING']._serialized_end=532
+  _globals['_INFERRESPONSE']._serialized_start=534
+  _globals['_INFERRESPONSE']._serialized_end=627
+  _globals['_GETINFOREQUEST']._serialized_start=629
+  _globals['_GETINFOREQUEST']._serialized_end=645
+  _globals['_LAYEREXPERTS']._serialized_start=647
+  _globals['_LAYEREXPERTS']._serialized_end=693
+  _globals['_WORKERSTATUS']._serialized_start=695
+  _globals['_WORKERSTATUS']._serialized_end=819
+  _globals['_MASTERINFO']._serialized_start=822
+  _globals['_MASTERINFO']._serialized_end=1127
+  _globals['_FORWARDREQUEST']._serialized_start=1130
+  _globals['_FORWARDREQUEST']._serialized_end=1429
+  _globals['_FORWARDRESPONSE']._serialized_start=1431
+  _globals['_FORWARDRESPONSE']._serialized_end=1486
+  _globals['_SHAREDTENSOR']._serialized_start=1488
+  _globals['_SHAREDTENSOR']._serialized_end=1585
+  _globals['_HOSTREGION']._serialized_start=1587
+  _globals['_HOSTREGION']._serialized_end=1613
+  _globals['_CUDAREGION']._serialized_start=1616
+  _globals['_CUDAREGION']._serialized_end=1818
+  _globals['_ATTACHREGIONREQUEST']._serialized_start=1821
+  _globals['_ATTACHREGIONREQUEST']._serialized_end=1977
+  _globals['_ATTACHREGIONREPLY']._serialized_start=1979
+  _globals['_ATTACHREGIONREPLY']._serialized_end=2032
+  _globals['_WORKERINFO']._serialized_start=2034
+  _globals['_WORKERINFO']._serialized_end=2158
+  _globals['_MOEMASTER']._serialized_start=2309
+  _globals['_MOEMASTER']._serialized_end=2537
+  _globals['_EXPERTWORKER']._serialized_start=2540
+  _globals['_EXPERTWORKER']._serialized_end=2777
 # @@protoc_insertion_point(module_scope)

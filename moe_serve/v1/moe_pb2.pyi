@@ -37,14 +37,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "return_routing")
+    __slots__ = ("layer", "hidden", "return_routing", "hidden_shared", "output_shared")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTING_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SHARED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SHARED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     return_routing: bool
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., return_routing: _Optional[bool] = ...) -> None: ...
+    hidden_shared: SharedTensor
+    output_shared: SharedTensor
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., return_routing: _Optional[bool] = ..., hidden_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_shared: _Optional[_Union[SharedTensor, _Mapping]] = ...) -> None: ...
 
 class Routing(_message.Message):
     __slots__ = ("expert_ids", "weights", "scores", "dropped_pairs", "load_balance_loss", "importance_loss")

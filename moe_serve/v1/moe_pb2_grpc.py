@@ -47,6 +47,11 @@ class MoEMasterStub:
                 request_serializer=moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=moe__serve_dot_v1_dot_moe__pb2.MasterInfo.FromString,
                 _registered_method=True)
+        self.AttachRegion = channel.unary_unary(
+                '/moe_serve.v1.MoEMaster/AttachRegion',
+                request_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.FromString,
+                _registered_method=True)
 
 
 class MoEMasterServicer:
@@ -69,6 +74,13 @@ class MoEMasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachRegion(self, request, context):
+        """Map a memory region of a client on the master's host (see SharedTensor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoEMasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +93,11 @@ def add_MoEMasterServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.FromString,
                     response_serializer=moe__serve_dot_v1_dot_moe__pb2.MasterInfo.SerializeToString,
+            ),
+            'AttachRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachRegion,
+                    request_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.FromString,
+                    response_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -140,6 +157,33 @@ class MoEMaster:
             '/moe_serve.v1.MoEMaster/GetInfo',
             moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.SerializeToString,
             moe__serve_dot_v1_dot_moe__pb2.MasterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.MoEMaster/AttachRegion',
+            moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.SerializeToString,
+            moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.FromString,
             options,
             channel_credentials,
             insecure,

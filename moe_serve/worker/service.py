@@ -56,7 +56,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     def _output_view(self, request: pb.ForwardRequest) -> torch.Tensor | None:
         if not request.HasField("output_shared"):
             return None
-        return self._mapped().view(request.output_shared, "output_shared", self.engine.dtype, 2)
+        return self._mapped().view(
+            request.output_shared, "output_shared", frozenset({self.engine.dtype}), 2
+        )
 
     def _mapped(self) -> MappedRegion:
         if self.region is None:
@@ -85,7 +87,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
                 "layer", f"{request.layer} is not a MoE layer; served: {sorted(e.stacks)}"
             )
         if request.HasField("hidden_shared"):
-            hidden = self._mapped().view(request.hidden_shared, "hidden_shared", e.dtype, 2)
+            hidden = self._mapped().view(
+                request.hidden_shared, "hidden_shared", frozenset({e.dtype}), 2
+            )
         else:
             hidden = tensor_from_pb(request.hidden, "hidden", dtypes=frozenset({e.dtype}), rank=2)
         if hidden.shape[1] != e.model.hidden_size:
