@@ -28,8 +28,8 @@ import torch
 
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
-from moe_serve.dispatch import dispatch
-from moe_serve.experts import grouped_forward, load_shared, shared_forward
+from moe_serve.dispatch import combine, dispatch
+from moe_serve.experts import load_shared, shared_forward
 from moe_serve.gating import Gate
 from moe_serve.launcher import LocalCluster
 from moe_serve.placement import Placement
@@ -85,36 +85,24 @@ class InProcessMoE:
         self.shared = load_shared(source, m.moe_layers, self.device, dtype)
         self.engines = [WorkerEngine(m, w, source) for w in cfg.workers]
         self.owner = {la: t.to(self.device) for la, t in Placement.from_config(cfg).owner.items()}
-        # (worker, layer) -> expert -> (device index, slot), on master.device like the pairs.
-        self.lookup = {
-            (i, la): (e.device_of[la].to(self.device), e.slot_of[la].to(self.device))
-            for i, e in enumerate(self.engines)
-            for la in m.moe_layers
-        }
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """x [T, H] on master.device -> [T, H] in the model dtype."""
         r = self.gates[layer](x)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=self.device)
-        for sl in dispatch(r, self.owner[layer], len(self.engines)):
-            device_of, slot_of = self.lookup[(sl.worker, layer)]
-            expert = sl.pair_expert.long()
-            dev_of, slot_of = device_of[expert], slot_of[expert]
-            rows = x[sl.token_index]
-            for d, stack in enumerate(self.engines[sl.worker].stacks[layer]):
-                sel = (dev_of == d).nonzero().flatten()
-                if stack is None or sel.numel() == 0:
-                    continue
-                dev = stack.device
-                part = grouped_forward(
-                    stack,
-                    rows.to(dev),
-                    sl.pair_token[sel].long().to(dev),
-                    slot_of[sel].to(dev),
-                    sl.pair_weight[sel].to(dev),
-                )
-                out.index_add_(0, sl.token_index, part.to(self.device))
+        slices = dispatch(r, self.owner[layer], len(self.engines))
+        partials = [
+            self.engines[sl.worker].forward(
+                layer,
+                x[sl.token_index],
+                sl.pair_token,
+                sl.pair_expert,
+                sl.pair_weight,
+                out_device=self.device,
+            )
+            for sl in slices
+        ]
+        out = combine(x.shape[0], x.shape[1], slices, partials, self.device)
         if layer in self.shared:
             out += shared_forward(self.cfg.model.activation, self.shared[layer], x).float()
         return out.to(x.dtype)
@@ -122,12 +110,77 @@ class InProcessMoE:
 
 def _in_process(
     cfg: WorldConfig, xs: dict[int, torch.Tensor], layer: int, iters: int, flops: float
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     ref = InProcessMoE(cfg)  # freed on return, before the workers load their experts
-    return [
+    rows = [
         _row("in-process", T, time_calls(lambda x=x: ref.forward(x, layer), iters, 3), flops)
         for T, x in xs.items()
     ]
+    stages = {}
+    for T in (min(xs), max(xs)):
+        stages[str(T)] = stage_breakdown(ref, xs[T], layer, iters)
+        print(
+            f"  stages T={T}: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in stages[str(T)].items())
+            + " (ms, p50)",
+            flush=True,
+        )
+    return rows, stages
+
+
+def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) -> dict[str, float]:
+    """p50 ms of each step one request takes through moe_serve, each timed on its own on the
+    config's devices, for the worker with the largest slice of `x`.
+
+    gate, dispatch: on master.device. encode/decode: the bytes path's Forward request
+    (wire.serialize with its device -> host copy; wire.parse). h2d: the decoded tokens to
+    the worker's device. experts: the worker's batched forward there. d2h_encode: its reply
+    (device -> host, serialized). shared_write: the shared-memory path's stand-in for
+    encode + decode + h2d (gather into a device block, synchronised). combine: partial
+    sums into the output. What an end-to-end time adds beyond these is gRPC, scheduling
+    and Python.
+    """
+    r = ref.gates[layer](x)
+    W = len(ref.engines)
+    slices = dispatch(r, ref.owner[layer], W)
+    sl = max(slices, key=lambda s: s.token_index.numel())
+    engine = ref.engines[sl.worker]
+    device = engine.devices[0]
+    pairs = {"pair_token": sl.pair_token, "pair_expert": sl.pair_expert}
+    pairs["pair_weight"] = sl.pair_weight
+    rows = x[sl.token_index]
+    request = serialize(pb.ForwardRequest(layer=layer), {"hidden": rows, **pairs})
+    hidden = tensor_from_pb(parse(pb.ForwardRequest, request).hidden, "hidden")
+    on_device = hidden.to(device)
+    token, expert, weight = (t.cpu() for t in (sl.pair_token, sl.pair_expert, sl.pair_weight))
+
+    def experts() -> torch.Tensor:
+        return engine.forward(layer, on_device, token, expert, weight, out_device=device)
+
+    out = experts()
+    partials = [
+        torch.zeros(s.token_index.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+        for s in slices
+    ]
+    block = torch.empty_like(rows)
+    index = sl.token_index.to(x.device)
+
+    def shared_write() -> None:
+        torch.index_select(x, 0, index, out=block)
+        _sync()
+
+    steps: dict[str, Callable[[], object]] = {
+        "gate": lambda: ref.gates[layer](x),
+        "dispatch": lambda: dispatch(r, ref.owner[layer], W),
+        "encode": lambda: serialize(pb.ForwardRequest(layer=layer), {"hidden": rows, **pairs}),
+        "decode": lambda: tensor_from_pb(parse(pb.ForwardRequest, request).hidden, "hidden"),
+        "h2d": lambda: hidden.to(device),
+        "experts": experts,
+        "d2h_encode": lambda: serialize(pb.ForwardResponse(), {"output": out}),
+        "shared_write": shared_write,
+        "combine": lambda: combine(x.shape[0], x.shape[1], slices, partials, x.device),
+    }
+    return {name: time_calls(fn, iters, 2)["p50_ms"] for name, fn in steps.items()}
 
 
 def flops_per_token(cfg: WorldConfig) -> float:
@@ -248,7 +301,8 @@ def run(
     )
     xs = {T: torch.randn(T, H, device=cfg.master.device).to(dtype) for T in tokens}
     print("(a) in-process", flush=True)
-    rows += _in_process(cfg, xs, layer, iters, flops)
+    in_process, stages = _in_process(cfg, xs, layer, iters, flops)
+    rows += in_process
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # hand the in-process experts' memory back to the workers
     print("(b) moe_serve", flush=True)
@@ -288,6 +342,7 @@ def run(
         "rows": rows,
         "concurrency": {str(n): v for n, v in sweep.items()},
         "wire_gbps": wire,
+        "stages_ms": stages,
         "summary": _summary(rows, sweep, gbps),
         "command": " ".join(sys.argv),
     }

@@ -55,8 +55,28 @@ def load_shared(
     return out
 
 
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: Sequence[int]) -> bool:
+    """Whether torch._grouped_mm runs here: on CPU (any float dtype), and on CUDA for
+    bfloat16 on compute capability 9.0+ with every GEMM dim a multiple of 16 bytes
+    (aten/src/ATen/native/cuda/Blas.cpp, mirrored in torch/_meta_registrations.py)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return False
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return torch.cuda.get_device_capability(device) >= (9, 0) and all(d % align == 0 for d in dims)
+
+
 class ExpertStack:
-    """The experts of one layer on one device, weights stacked along a leading expert dim."""
+    """The experts of one layer on one device, weights stacked along a leading expert dim.
+
+    GLU experts keep gate and up fused as `gate_up [E, 2F, H]`, so one grouped GEMM
+    computes both; `down [E, H, F]`. MLP experts: `fc1 [E, F, H]`, `fc1_bias [E, F]`,
+    `fc2 [E, H, F]`, `fc2_bias [E, H]`. Layouts are nn.Linear's, whose transpose is the
+    column-major [E, K, N] operand torch._grouped_mm takes without a copy.
+    """
 
     def __init__(
         self,
@@ -65,31 +85,63 @@ class ExpertStack:
         experts: Sequence[ExpertWeights],
         device: torch.device,
         dtype: torch.dtype,
+        grouped_mm: bool | None = None,
     ) -> None:
         self.kind, self.activation = kind, activation
         self.num_experts = len(experts)
         self.device = device
-        keys = experts[0].keys()
-        self.weights = {
-            k: torch.stack([e[k] for e in experts]).to(device=device, dtype=dtype) for k in keys
-        }
+
+        def stacked(key: str) -> torch.Tensor:
+            return torch.stack([e[key] for e in experts]).to(device=device, dtype=dtype)
+
+        if kind == "glu":
+            self.ffn = experts[0]["gate"].shape[0]
+            gate_up = torch.cat([stacked("gate"), stacked("up")], dim=1)
+            self.weights = {"gate_up": gate_up, "down": stacked("down")}
+        else:
+            self.ffn = experts[0]["fc1"].shape[0]
+            self.weights = {k: stacked(k) for k in ("fc1", "fc1_bias", "fc2", "fc2_bias")}
+        hidden = experts[0]["down" if kind == "glu" else "fc2"].shape[0]
+        auto = grouped_mm_supported(device, dtype, (hidden, self.ffn))
+        # None: the grouped GEMM where it runs; False forces the per-expert loop (tests).
+        self.grouped_mm = auto if grouped_mm is None else grouped_mm and auto
 
     def expert(self, slot: int) -> dict[str, torch.Tensor]:
-        """Views of one expert's weights."""
-        return {k: v[slot] for k, v in self.weights.items()}
+        """Views of one expert's weights, under the keys of ExpertWeights."""
+        w = {k: v[slot] for k, v in self.weights.items()}
+        if self.kind == "glu":
+            gate_up = w.pop("gate_up")
+            w["gate"], w["up"] = gate_up[: self.ffn], gate_up[self.ffn :]
+        return w
 
-    def forward_sorted(self, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """x [P, H] sorted by slot, counts[s] rows for slot s -> [P, H], each run by its expert."""
+    def forward_sorted(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """x [P, H] sorted by slot ([P] int64, ascending) -> [P, H], each row by its expert."""
+        if self.grouped_mm:
+            # Group ends per slot, computed on the device: no host sync on this path.
+            counts = torch.bincount(slot, minlength=self.num_experts)
+            return self._grouped(x, counts.cumsum(0).to(torch.int32), slot)
+        # Host sync: the per-expert slice sizes decide how the loop cuts the batch.
+        counts = torch.bincount(slot, minlength=self.num_experts).tolist()
         out = torch.empty_like(x)
         start = 0
-        for slot, n in enumerate(counts):
+        for s, n in enumerate(counts):
             if n:
                 end = start + n
                 out[start:end] = expert_forward(
-                    self.kind, self.activation, self.expert(slot), x[start:end]
+                    self.kind, self.activation, self.expert(s), x[start:end]
                 )
                 start = end
         return out
+
+    def _grouped(self, x: torch.Tensor, offs: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        act, w = ACTIVATIONS[self.activation], self.weights
+        if self.kind == "glu":
+            h = torch._grouped_mm(x, w["gate_up"].transpose(1, 2), offs=offs)  # [P, 2F]
+            h = act(h[:, : self.ffn]) * h[:, self.ffn :]
+            return torch._grouped_mm(h, w["down"].transpose(1, 2), offs=offs)
+        h = torch._grouped_mm(x, w["fc1"].transpose(1, 2), offs=offs) + w["fc1_bias"][slot]
+        h = act(h).contiguous()
+        return torch._grouped_mm(h, w["fc2"].transpose(1, 2), offs=offs) + w["fc2_bias"][slot]
 
     def nbytes(self) -> int:
         """Bytes held by the stacked weights."""
@@ -105,13 +157,12 @@ def grouped_forward(
 ) -> torch.Tensor:
     """Weighted per-token sum of the stack's experts -> [N, H] float32.
 
-    Sorts the pairs by expert once, runs each expert on its contiguous slice,
-    and combines per token with index_add_.
+    Sorts the pairs by expert once, runs each expert on its contiguous run of rows (one
+    grouped GEMM per projection where torch._grouped_mm runs, else one GEMM chain per
+    expert), and combines per token with index_add_.
     """
     order = torch.argsort(slot, stable=True)
-    token, weight = token[order], weight[order]
-    # Host sync: the per-expert slice sizes decide how the batch is cut.
-    counts = torch.bincount(slot, minlength=stack.num_experts).tolist()
-    y = stack.forward_sorted(hidden[token], counts)  # [P, H]
+    token, weight, slot = token[order], weight[order], slot[order]
+    y = stack.forward_sorted(hidden[token], slot)  # [P, H]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     return out.index_add_(0, token, y.float() * weight.unsqueeze(1))

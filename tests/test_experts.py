@@ -175,11 +175,40 @@ def test_grouped_forward_in_bfloat16_returns_float32() -> None:
     torch.testing.assert_close(out, expected, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_grouped_gemm_path_equals_the_per_expert_loop(kind: str, dtype: torch.dtype) -> None:
+    m = model_config(kind, "silu")
+    weights = [synthetic_expert(m, 0, e) for e in (4, 0, 5, 2)]
+    cpu = torch.device("cpu")
+    fast = ExpertStack(kind, "silu", weights, cpu, dtype)
+    loop = ExpertStack(kind, "silu", weights, cpu, dtype, grouped_mm=False)
+    assert fast.grouped_mm and not loop.grouped_mm
+    hidden = torch.randn(5, H, generator=torch.Generator().manual_seed(3)).to(dtype)
+    args = (hidden, torch.tensor(TOKEN), torch.tensor(SLOT), torch.tensor(WEIGHT))
+    tol = ATOL if dtype == torch.float32 else 2.0**-7  # bf16: one rounding apart at most
+    torch.testing.assert_close(
+        grouped_forward(fast, *args), grouped_forward(loop, *args), atol=tol, rtol=tol
+    )
+
+
+def test_grouped_gemm_path_handles_experts_without_pairs_and_no_pairs() -> None:
+    stack = stack_of("glu", "silu", [0, 1, 2])
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert torch.equal(
+        grouped_forward(stack, torch.randn(3, H), empty, empty, torch.zeros(0)),
+        torch.zeros(3, H),
+    )
+    token, slot = torch.tensor([0, 2]), torch.tensor([2, 2])  # slots 0 and 1 idle
+    out = grouped_forward(stack, torch.randn(3, H), token, slot, torch.ones(2))
+    assert torch.equal(out[1], torch.zeros(H)) and out[0].abs().sum() > 0
+
+
 def test_expert_stack_holds_each_expert_in_its_slot() -> None:
     m = model_config("glu")
     stack = stack_of("glu", "gelu", [5, 2])
     assert stack.num_experts == 2
-    assert set(stack.weights) == set(GLU_KEYS)
+    assert set(stack.weights) == {"gate_up", "down"}  # gate and up fused: one GEMM for both
     for slot, e in enumerate([5, 2]):
         for k, v in synthetic_expert(m, 0, e).items():
             assert torch.equal(stack.expert(slot)[k], v)
@@ -289,6 +318,15 @@ def test_engine_forward_equals_naive_weighted_sum_of_synthetic_experts() -> None
         ew = synthetic_expert(eng.model, 3, e)
         expected[t] += w * expert_forward("mlp", "silu", ew, hidden[t : t + 1])[0]
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+
+
+def test_engine_forward_returns_on_the_requested_device_in_the_model_dtype() -> None:
+    held = [1, 4, 5]
+    eng = engine(["cpu"], held)
+    hidden = torch.randn(6, H, generator=torch.Generator().manual_seed(4))
+    token, expert, weight = pairs(held, 6, 15, seed=5)
+    out = eng.forward(3, hidden, token, expert, weight, out_device="meta")
+    assert out.device.type == "meta" and out.dtype == eng.dtype and out.shape == (6, H)
 
 
 def test_engine_holds_the_configured_experts() -> None:

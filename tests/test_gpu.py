@@ -95,3 +95,34 @@ def test_tiny_family_in_bfloat16_on_two_gpus_matches_transformers_on_one(
             diff = y.float() - expected
             assert (diff.norm() / expected.norm()).item() <= 2 * BF16_U
             assert diff.abs().max().item() <= 8 * BF16_U * expected.abs().max().item()
+
+
+def test_cuda_master_workers_and_client_share_device_memory(cluster_factory: Any) -> None:
+    from tests.test_metrics import scrape, total
+
+    needs_gpus(2)
+    cluster = cluster_factory(on_free_ports("seed-000.yaml"))
+    assert parity(cluster, 4096, 0) <= 1e-5  # 4096 x 512 float32 on cuda:0: 8 MiB
+    samples = scrape(cluster.metrics_url())
+    assert total(samples, "moe_serve_master_infer_transport_total", transport="shared") == 1
+    assert total(samples, "moe_serve_worker_calls_total", transport="shared") == 2
+    assert total(samples, "moe_serve_worker_calls_total", transport="bytes") == 0
+
+
+def test_wire_pinned_staging_has_no_cross_talk_between_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_serve.v1 import moe_pb2 as pb
+    from moe_serve.wire import parse, serialize, tensor_from_pb
+
+    def round_trip(i: int) -> bool:
+        ok = True
+        for n in range(20):
+            t = torch.full((256 + 64 * i, 512), float(i * 100 + n), device="cuda:0")
+            data = serialize(pb.ForwardResponse(), {"output": t})
+            out = tensor_from_pb(parse(pb.ForwardResponse, data).output, "output")
+            ok &= bool(torch.equal(out, t.cpu()))
+        return ok
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trip, range(8)))

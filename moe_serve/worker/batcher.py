@@ -123,7 +123,11 @@ class DynamicBatcher:
         expert = torch.cat([c.pair_expert for c in calls])
         weight = torch.cat([c.pair_weight for c in calls])
         start = time.perf_counter()
-        out = self.engine.forward(layer, hidden, token, expert, weight)
+        # Outputs stay on the engine's device: the reply's encoder stages them through pinned
+        # memory, and a shared-memory target on a GPU takes them device to device.
+        out = self.engine.forward(
+            layer, hidden, token, expert, weight, out_device=self.engine.devices[0]
+        )
         self._observe(layer, expert, sum(sizes), len(calls), time.perf_counter() - start)
         return list(out.split(sizes))
 

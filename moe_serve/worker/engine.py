@@ -63,6 +63,7 @@ class WorkerEngine:
         self.stacks: dict[int, list[ExpertStack | None]] = {}
         self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
         self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
+        self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         progress = _Progress(sum(len(worker.experts_on(la)) for la in model.moe_layers), worker.id)
         for layer in model.moe_layers:
             self._load_layer(layer, source, progress)
@@ -130,28 +131,50 @@ class WorkerEngine:
         pair_token: torch.Tensor,
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
+        out_device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """hidden [N, H], pairs [P] (validated) -> partial sums [N, H] in the model dtype on CPU."""
+        """hidden [N, H] (any device), pairs [P] (validated) -> partial sums [N, H] in the
+        model dtype on `out_device`.
+
+        Per-device partials are summed on the first device used, then copied once to
+        `out_device`. With one device (the common case) nothing on the way syncs the host
+        when the grouped GEMM runs.
+        """
+        stacks = [(d, s) for d, s in enumerate(self.stacks[layer]) if s is not None]
         expert = pair_expert.long()
-        device_of, slot_of = self.device_of[layer][expert], self.slot_of[layer][expert]
         token, weight = pair_token.long(), pair_weight.float()
-        out = torch.zeros(hidden.shape, dtype=torch.float32)
-        for d, stack in enumerate(self.stacks[layer]):
-            if stack is None:
-                continue
-            sel = (device_of == d).nonzero().flatten()
-            if sel.numel() == 0:
-                continue
+        device_of, slot_of = self._tables(layer, expert.device)
+        slot = slot_of[expert]
+        out: torch.Tensor | None = None
+        for d, stack in stacks:
             dev = stack.device
+            if len(stacks) == 1:
+                t, sl, w = token, slot, weight
+            else:
+                # Host sync: which pairs this device runs decides the batch it gets.
+                sel = (device_of[expert] == d).nonzero().flatten()
+                if sel.numel() == 0:
+                    continue
+                t, sl, w = token[sel], slot[sel], weight[sel]
+            # The whole [N, H] block moves: picking only this device's rows would need
+            # the distinct tokens on the host first (a sync), to save at most a copy.
             part = grouped_forward(
-                stack,
-                hidden.to(dev, self.dtype),
-                token[sel].to(dev),
-                slot_of[sel].to(dev),
-                weight[sel].to(dev),
+                stack, hidden.to(dev, self.dtype), t.to(dev), sl.to(dev), w.to(dev)
             )
-            out += part.cpu()  # partial sums meet on the host, where the reply is encoded
-        return out.to(self.dtype)
+            out = part if out is None else out.add_(part.to(out.device))
+        if out is None:
+            out = torch.zeros(hidden.shape, dtype=torch.float32)
+        return out.to(out_device, self.dtype)
+
+    def _tables(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """device_of and slot_of of `layer` on `device` (where the pairs are), copied once."""
+        key = (layer, device)
+        if key not in self._on_device:
+            self._on_device[key] = (
+                self.device_of[layer].to(device),
+                self.slot_of[layer].to(device),
+            )
+        return self._on_device[key]
 
     def memory_bytes(self) -> dict[str, int]:
         """Per device: torch's allocated bytes on CUDA, expert weight bytes on CPU."""
