@@ -203,3 +203,44 @@ def route(
         load_balance_loss=None if not losses else zero if empty else load_balance_loss(scores, ids),
         importance_loss=None if not losses else zero if empty else importance_loss(scores),
     )
+
+
+def split_routing(r: Routing, sizes: list[int], losses: list[bool]) -> list[Routing]:
+    """The routing of each call of a batch gated as one: rows split by `sizes`; each call's
+    losses (when asked for) over its own rows, as if it had been gated alone."""
+    parts = zip(
+        r.expert_ids.split(sizes),
+        r.weights.split(sizes),
+        r.scores.split(sizes),
+        r.kept.split(sizes),
+        strict=True,
+    )
+    out = []
+    for (ids, weights, scores, kept), want in zip(parts, losses, strict=True):
+        zero = None if not want else scores.new_zeros(())
+        empty = ids.shape[0] == 0
+        out.append(
+            Routing(
+                expert_ids=ids,
+                weights=weights,
+                scores=scores,
+                kept=kept,
+                dropped_pairs=(~kept).sum(),
+                load_balance_loss=zero if not want or empty else load_balance_loss(scores, ids),
+                importance_loss=zero if not want or empty else importance_loss(scores),
+            )
+        )
+    return out
+
+
+def merge_routings(routings: list[Routing]) -> Routing:
+    """Calls gated one by one, as one batch for dispatch (rows concatenated in order)."""
+    return Routing(
+        expert_ids=torch.cat([r.expert_ids for r in routings]),
+        weights=torch.cat([r.weights for r in routings]),
+        scores=torch.cat([r.scores for r in routings]),
+        kept=torch.cat([r.kept for r in routings]),
+        dropped_pairs=torch.stack([r.dropped_pairs for r in routings]).sum(),
+        load_balance_loss=None,
+        importance_loss=None,
+    )

@@ -65,6 +65,12 @@ class MasterMetrics:
             ["layer"],
             registry=r,
         )
+        self.batch_requests = Histogram(
+            "moe_serve_master_batch_requests",
+            "Infer calls per master pass (calls queued together share one gate and fan-out)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.infer_transport = Counter(
             "moe_serve_master_infer_transport",
             "Infer requests by how the hidden states came: 'shared' (client region) or 'bytes'",

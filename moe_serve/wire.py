@@ -18,7 +18,7 @@ import math
 import sys
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -99,23 +99,43 @@ def _pinned(nbytes: int) -> torch.Tensor:
     return buf[:nbytes]
 
 
-def host_view(t: torch.Tensor) -> memoryview:
-    """The bytes of `t` in host memory, as a memoryview valid until the next call on this
-    thread (CUDA) or while `t` lives (CPU). No copy for a contiguous CPU tensor."""
-    t = t.detach()
-    nbytes = t.numel() * t.element_size()
-    if t.device.type == "cuda" and 0 < nbytes <= MAX_STAGING_BYTES:
-        host = _pinned(nbytes)
-        # Pageable destinations run at a fraction of pinned bandwidth and fault in fresh
-        # pages on every call; the copy is synchronous, so the buffer is ready on return.
-        host.copy_(t.contiguous().view(-1).view(torch.uint8))
-    else:
-        host = t.to("cpu").contiguous()
+def _memoryview(host: torch.Tensor, nbytes: int) -> memoryview:
     if nbytes == 0:
         return memoryview(b"")
     array = (ctypes.c_char * nbytes).from_address(host.data_ptr())
     array.owner = host  # the view keeps the array alive, the array the (maybe fresh) tensor
     return memoryview(array).cast("B")
+
+
+def host_views(tensors: Sequence[torch.Tensor]) -> list[memoryview]:
+    """The bytes of each tensor in host memory. CPU tensors: no copy when contiguous, valid
+    while the tensor lives. CUDA tensors: copied into disjoint slices of this thread's
+    pinned buffer, valid until the next call on this thread."""
+    tensors = [t.detach() for t in tensors]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    staged = [t.device.type == "cuda" for t in tensors]
+    total = sum(n for n, s in zip(sizes, staged, strict=True) if s)
+    buffer = _pinned(total) if 0 < total <= MAX_STAGING_BYTES else None
+    views, start = [], 0
+    for t, nbytes, stage in zip(tensors, sizes, staged, strict=True):
+        if stage and buffer is not None:
+            host = buffer[start : start + nbytes]
+            start += nbytes
+            # Pageable destinations run at a fraction of pinned bandwidth and fault in
+            # fresh pages on every call; all copies queue, then one sync below.
+            host.copy_(t.contiguous().view(-1).view(torch.uint8), non_blocking=True)
+        else:
+            host = t.to("cpu").contiguous()
+        views.append(_memoryview(host, nbytes))
+    if buffer is not None:
+        for device in {t.device for t, stage in zip(tensors, staged, strict=True) if stage}:
+            torch.cuda.synchronize(device)  # the staged bytes must be in host memory now
+    return views
+
+
+def host_view(t: torch.Tensor) -> memoryview:
+    """host_views of one tensor."""
+    return host_views([t])[0]
 
 
 def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
@@ -329,9 +349,8 @@ def serialize(message: Message, tensors: Mapping[str, torch.Tensor]) -> bytes:
     parts: list[bytes | memoryview] = [head]
     offset = len(head)
     fields = message.DESCRIPTOR.fields_by_name
-    for name, t in tensors.items():
+    for (name, t), data in zip(tensors.items(), host_views(list(tensors.values())), strict=True):
         header = pb.Tensor(dtype=pb_dtype(t.dtype), shape=list(t.shape)).SerializeToString()
-        data = host_view(t)
         prefix = _tensor_prefix(fields[name].number, header, len(data), offset)
         parts += [prefix, data]
         offset += len(prefix) + len(data)

@@ -126,3 +126,18 @@ def test_wire_pinned_staging_has_no_cross_talk_between_threads() -> None:
 
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(round_trip, range(8)))
+
+
+def test_wire_stages_every_cuda_tensor_of_a_message_in_its_own_bytes() -> None:
+    from moe_serve.v1 import moe_pb2 as pb
+    from moe_serve.wire import parse, serialize, tensor_from_pb
+
+    tensors = {
+        "hidden": torch.randn(33, 512, device="cuda:0").to(torch.bfloat16),
+        "pair_token": torch.arange(40, dtype=torch.int32, device="cuda:0") % 33,
+        "pair_expert": torch.full((40,), 3, dtype=torch.int32, device="cuda:0"),
+        "pair_weight": torch.rand(40, device="cuda:0"),
+    }
+    parsed = parse(pb.ForwardRequest, serialize(pb.ForwardRequest(layer=1), tensors))
+    for name, t in tensors.items():
+        assert torch.equal(tensor_from_pb(getattr(parsed, name), name), t.cpu()), name

@@ -23,6 +23,7 @@ async def serve(cfg: WorldConfig) -> None:
     metrics = MasterMetrics()
     pool = WorkerPool(cfg, metrics)
     service = MasterService(cfg, pool, metrics)
+    service.batcher.start()
     server, health, port = await serve_service(
         "MoEMaster",
         service,
@@ -44,6 +45,7 @@ async def serve(cfg: WorldConfig) -> None:
     log.info("master: stopping")
     await health.enter_graceful_shutdown()
     await server.stop(SHUTDOWN_GRACE_S)
+    await service.batcher.stop()
     await pool.close()
 
 

@@ -17,7 +17,8 @@ from moe_serve.config import WorldConfig
 from moe_serve.dispatch import combine, dispatch
 from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
 from moe_serve.experts import load_shared, shared_forward
-from moe_serve.gating import Gate, Routing
+from moe_serve.gating import Gate, Routing, merge_routings, split_routing
+from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
 from moe_serve.placement import Placement
@@ -49,6 +50,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         self.placement = Placement.from_config(cfg)
         self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
         self.client_regions = RegionTable()  # regions of clients on this host, by id
+        self.batcher = InferBatcher(self._pass, cfg.master, metrics)
 
     @error_boundary
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -69,10 +71,41 @@ class MasterService(pb_grpc.MoEMasterServicer):
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> bytes:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
         target = self._output_view(request, x.shape)
-        r = self.gates[layer](x, losses=request.return_routing)
-        slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
-        calls = [self.pool.forward(layer, x, sl, timeout) for sl in slices]
+        out, r = await self.batcher.submit(layer, x, request.return_routing, timeout)
+        self.metrics.tokens.labels(str(layer)).inc(x.shape[0])
+        self.metrics.request_tokens.observe(x.shape[0])
+        reply = pb.InferResponse()
+        if request.return_routing:
+            reply.routing.CopyFrom(_routing_pb(r))
+        if target is None:
+            return serialize(reply, {"output": out.to(self.dtype)})
+        target.copy_(out)
+        if target.is_cuda:
+            # The client reads these bytes as soon as it has the reply, from another process.
+            torch.cuda.synchronize(target.device)
+        return reply.SerializeToString()
+
+    async def _pass(
+        self, layer: int, xs: list[torch.Tensor], losses: list[bool], timeout_s: float
+    ) -> list[tuple[torch.Tensor, Routing]]:
+        """One forward of `layer` over the calls' rows together -> (output [T_i, H] float32,
+        routing) per call, each equal to what the call alone would get."""
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        sizes = [t.shape[0] for t in xs]
+        gate = self.gates[layer]
+        if len(xs) == 1:
+            routings = [gate(x, losses=losses[0])]
+            r = routings[0]
+        elif self.cfg.routing.capacity_factor is None:
+            # Gating is row-wise without a capacity: gate the batch once, split per call.
+            r = gate(x, losses=False)
+            routings = split_routing(r, sizes, losses)
+        else:  # capacity is per request: each call is gated on its own rows
+            routings = [gate(t, losses=want) for t, want in zip(xs, losses, strict=True)]
+            r = merge_routings(routings)
+        slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
+        calls = [self.pool.forward(layer, x, sl, timeout_s) for sl in slices]
         if layer in self.shared:
             loop = asyncio.get_running_loop()
             act, w = self.cfg.model.activation, self.shared[layer]
@@ -86,16 +119,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         if layer in self.shared:
             out += results[-1].float()
         self._observe(layer, r)
-        reply = pb.InferResponse()
-        if request.return_routing:
-            reply.routing.CopyFrom(_routing_pb(r))
-        if target is None:
-            return serialize(reply, {"output": out.to(self.dtype)})
-        target.copy_(out)
-        if target.is_cuda:
-            # The client reads these bytes as soon as it has the reply, from another process.
-            torch.cuda.synchronize(target.device)
-        return reply.SerializeToString()
+        return list(zip(out.split(sizes), routings, strict=True))
 
     def _output_view(self, request: pb.InferRequest, shape: torch.Size) -> torch.Tensor | None:
         if not request.HasField("output_shared"):
@@ -149,8 +173,6 @@ class MasterService(pb_grpc.MoEMasterServicer):
 
     def _observe(self, layer: int, r: Routing) -> None:
         m, label = self.metrics, str(layer)
-        m.tokens.labels(label).inc(r.expert_ids.shape[0])
-        m.request_tokens.observe(r.expert_ids.shape[0])
         counts = torch.bincount(r.expert_ids[r.kept], minlength=self.cfg.model.num_experts)
         for e, n in enumerate(counts.tolist()):
             if n:
