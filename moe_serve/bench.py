@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,53 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
     return {name: time_calls(fn, iters, 2)["p50_ms"] for name, fn in steps.items()}
 
 
+# (metric, process) whose _sum/_count the bench reads around each T: the master's time per
+# request, its time per worker call, and each worker's time per batched forward.
+_SERVER_METRICS = (
+    ("moe_serve_request_seconds", "master"),
+    ("moe_serve_worker_rpc_seconds", "master"),
+    ("moe_serve_worker_forward_seconds", "worker"),
+)
+
+
+def server_seconds(cfg: WorldConfig) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the servers' latency histograms, scraped from their exporters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    targets = [("master", cfg.master.metrics_port)]
+    targets += [(w.id, w.metrics_port) for w in cfg.workers]
+    out: dict[str, list[float]] = {}
+    for process, port in targets:
+        if port is None:
+            continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for name, where in _SERVER_METRICS:
+                    if (where == "master") != (process == "master"):
+                        continue
+                    for suffix, i in (("_sum", 0), ("_count", 1)):
+                        if sample.name == name + suffix:
+                            label = sample.labels.get(
+                                "worker", "" if where == "master" else process
+                            )
+                            key = f"{name.removeprefix('moe_serve_')}[{label}]".replace("[]", "")
+                            out.setdefault(key, [0.0, 0.0])[i] += sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def _server_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    means = {}
+    for key, (total, count) in after.items():
+        total0, count0 = before.get(key, (0.0, 0.0))
+        if count > count0:
+            means[key] = (total - total0) / (count - count0) * 1e3
+    return means
+
+
 def flops_per_token(cfg: WorldConfig) -> float:
     """Multiply-adds x 2 of one token through the gate, its K experts and shared experts."""
     m = cfg.model
@@ -315,8 +363,17 @@ def run(
             cluster.start()
             with MoEClient(cluster.master_address) as client:
                 for T, x in xs.items():
-                    timing = time_calls(lambda x=x: client.infer(x, layer=layer), iters, 3)
-                    rows.append(_row("moe_serve", T, timing, flops))
+                    client.infer(x, layer=layer)  # warm up before the metrics snapshot
+                    before = server_seconds(cfg)
+                    timing = time_calls(lambda x=x: client.infer(x, layer=layer), iters, 0)
+                    row = _row("moe_serve", T, timing, flops)
+                    row["server_mean_ms"] = _server_means(before, server_seconds(cfg))
+                    print(
+                        "    in the servers (mean ms): "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in row["server_mean_ms"].items()),
+                        flush=True,
+                    )
+                    rows.append(row)
             print("    concurrency sweep at T=1", flush=True)
             sweep = concurrency_sweep(
                 cluster.master_address, H, cfg.master.device, clients, seconds

@@ -91,13 +91,23 @@ class ExpertStack:
         self.num_experts = len(experts)
         self.device = device
 
-        def stacked(key: str) -> torch.Tensor:
-            return torch.stack([e[key] for e in experts]).to(device=device, dtype=dtype)
+        def stacked(*keys: str) -> torch.Tensor:
+            # Filled expert by expert in place: no host-side stack of the whole layer, and
+            # the peak is the final tensor plus one expert's weights.
+            parts = [experts[0][k] for k in keys]
+            rows = sum(p.shape[0] for p in parts)
+            out = torch.empty((len(experts), rows, *parts[0].shape[1:]), dtype=dtype, device=device)
+            for i, e in enumerate(experts):
+                start = 0
+                for k in keys:
+                    n = e[k].shape[0]
+                    out[i, start : start + n].copy_(e[k])
+                    start += n
+            return out
 
         if kind == "glu":
             self.ffn = experts[0]["gate"].shape[0]
-            gate_up = torch.cat([stacked("gate"), stacked("up")], dim=1)
-            self.weights = {"gate_up": gate_up, "down": stacked("down")}
+            self.weights = {"gate_up": stacked("gate", "up"), "down": stacked("down")}
         else:
             self.ffn = experts[0]["fc1"].shape[0]
             self.weights = {k: stacked(k) for k in ("fc1", "fc1_bias", "fc2", "fc2_bias")}

@@ -86,3 +86,9 @@ def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: P
     assert systems == {(s, t) for s in ("in-process", "moe_serve", "torch_rpc") for t in (1, 8)}
     assert set(doc["concurrency"]) == {"1", "2"}
     assert {"gpus", "gpu_count", "torch", "cuda"} <= set(doc["device"])
+    assert set(doc["stages_ms"]) == {"1", "8"}
+    assert {"gate", "dispatch", "experts", "combine"} <= set(doc["stages_ms"]["8"])
+    served = next(r for r in doc["rows"] if r["system"] == "moe_serve" and r["tokens"] == 8)
+    # The servers' own view of those calls, scraped from the exporters the config names.
+    assert {"request_seconds", "worker_forward_seconds[w0]"} <= set(served["server_mean_ms"])
+    assert served["server_mean_ms"]["request_seconds"] < served["mean_ms"]

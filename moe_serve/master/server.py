@@ -23,6 +23,7 @@ async def serve(cfg: WorldConfig) -> None:
     metrics = MasterMetrics()
     pool = WorkerPool(cfg, metrics)
     service = MasterService(cfg, pool, metrics)
+    keep_large_allocations()  # after loading: its temporaries go back to the OS
     service.batcher.start()
     server, health, port = await serve_service(
         "MoEMaster",
@@ -52,5 +53,4 @@ async def serve(cfg: WorldConfig) -> None:
 def main(cfg: WorldConfig) -> None:
     """Entry point of `moe-serve master`."""
     check_devices_exist((cfg.master.device,), "master.device")
-    keep_large_allocations()
     run(serve(cfg))

@@ -28,6 +28,7 @@ def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
 async def serve(cfg: WorldConfig, worker_id: str) -> None:
     """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop."""
     engine = build_engine(cfg, worker_id)
+    keep_large_allocations()  # after loading: its temporaries go back to the OS
     metrics = WorkerMetrics()
     for device, nbytes in engine.memory_bytes().items():
         metrics.gpu_memory_bytes.labels(device).set(nbytes)
@@ -54,5 +55,4 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
 def main(cfg: WorldConfig, worker_id: str) -> None:
     """Entry point of `moe-serve worker`."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
-    keep_large_allocations()
     run(serve(cfg, worker_id))
