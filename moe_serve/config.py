@@ -146,7 +146,9 @@ class MasterConfig(_Frozen):
 class BatchingConfig(_Frozen):
     """Worker dynamic batching: merge Forward calls arriving within max_delay_us."""
 
-    max_delay_us: int = Field(200, ge=0, le=1_000_000)
+    # 0: the master already batches its Infer calls (one Forward per worker per batch), so a
+    # window here would only add latency; a worker shared by several masters may want one.
+    max_delay_us: int = Field(0, ge=0, le=1_000_000)
     max_batch_tokens: int = Field(16384, gt=0)
 
 
