@@ -20,7 +20,7 @@ import torch
 
 from moe_serve.errors import MoEError
 from moe_serve.rpc import message_options, unary_call
-from moe_serve.shm import SharedMemoryError, SharedRegion
+from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import DTYPE_NAMES, Parsed, itemsize, serialize, tensor_from_pb
@@ -29,9 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
 # Region offered to a master on the same host; made on the first request of at least
-# SHARED_MIN_BYTES (smaller requests gain little, and should not make a client reserve it).
+# shm.MIN_SHARED_BYTES (smaller ones gain little, and should not make a client reserve it).
 DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
-SHARED_MIN_BYTES = 256 << 10
 
 
 class MoEServeError(Exception):
@@ -152,7 +151,7 @@ class _SharedPath:
         self.model_dtype: torch.dtype | None = None
 
     def wants(self, flat: torch.Tensor) -> bool:
-        return self.state != "off" and flat.numel() * flat.element_size() >= SHARED_MIN_BYTES
+        return self.state != "off" and flat.numel() * flat.element_size() >= MIN_SHARED_BYTES
 
     def offer(self, flat: torch.Tensor, model_dtype: str) -> pb.AttachRegionRequest | None:
         """The region to offer (made now if needed), or None when this host cannot make one."""

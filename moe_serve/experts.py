@@ -127,8 +127,10 @@ class ExpertStack:
     def forward_sorted(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """x [P, H] sorted by slot ([P] int64, ascending) -> [P, H], each row by its expert."""
         if self.grouped_mm:
-            # Group ends per slot, computed on the device: no host sync on this path.
-            counts = torch.bincount(slot, minlength=self.num_experts)
+            # Group ends per slot, computed on the device: no host sync on this path
+            # (bincount would read the largest slot back to size its output).
+            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=slot.device)
+            counts.scatter_add_(0, slot, torch.ones_like(slot))
             return self._grouped(x, counts.cumsum(0).to(torch.int32), slot)
         # Host sync: the per-expert slice sizes decide how the loop cuts the batch.
         counts = torch.bincount(slot, minlength=self.num_experts).tolist()

@@ -36,6 +36,9 @@ SHM_DIR = Path("/dev/shm")
 # A failed call's blocks stay reserved this long: its peer may still be writing its output
 # there, and a reused block would hand those bytes to another call.
 QUARANTINE_S = 60.0
+# Tensors smaller than this travel as bytes even where a region is mapped: for them the
+# bookkeeping and synchronisation of a block cost more than the copies they save.
+MIN_SHARED_BYTES = 256 << 10
 ALIGN = 256  # block offsets: any dtype's view lines up, and so do CUDA's vector loads
 _NAME = re.compile(r"^moe_serve-(\d+)-[0-9a-f]{16}$")
 
@@ -230,15 +233,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 class MappedRegion:
     """A peer's mapping of an owner's region."""
 
-    def __init__(self, request: pb.AttachRegionRequest, allow_cuda: bool) -> None:
+    def __init__(self, request: pb.AttachRegionRequest, near: torch.device | None) -> None:
+        """Map the offered region. `near`: the CUDA device this process computes on, where
+        CUDA memory is best mapped; None refuses CUDA regions."""
         self.id, self.size = request.id, request.size
         kind = request.WhichOneof("memory")
         if kind == "host":
             self.memory = self._map_host(request.host.name, request.size)
         elif kind == "cuda":
-            if not allow_cuda:
-                raise SharedMemoryError("this worker has no CUDA device")
-            self.memory = self._map_cuda(request.cuda, request.size)
+            if near is None:
+                raise SharedMemoryError("this process computes on no CUDA device")
+            self.memory = self._map_cuda(request.cuda, request.size, near)
         else:
             raise SharedMemoryError("memory: neither host nor cuda is set")
         if (
@@ -263,27 +268,41 @@ class MappedRegion:
             os.close(fd)
 
     @staticmethod
-    def _map_cuda(c: pb.CudaRegion, size: int) -> torch.Tensor:
+    def _map_cuda(c: pb.CudaRegion, size: int, near: torch.device) -> torch.Tensor:
         if not torch.cuda.is_available():
-            raise SharedMemoryError("CUDA is not available in this worker")
-        index = next(
+            raise SharedMemoryError("CUDA is not available in this process")
+        owner = next(
             (i for i in range(torch.cuda.device_count()) if _uuid(i) == c.device_uuid), None
         )
-        if index is None:
+        if owner is None:
             raise SharedMemoryError(f"no GPU here has UUID {c.device_uuid} (another host?)")
-        try:
-            storage = torch.UntypedStorage._new_shared_cuda(
-                index,
-                c.handle,
-                c.storage_size,
-                c.storage_offset,
-                c.ref_counter_handle,
-                c.ref_counter_offset,
-                c.event_handle or None,
-                c.event_sync_required,
-            )
-        except RuntimeError as exc:
-            raise SharedMemoryError(f"CUDA IPC open failed: {exc}") from None
+        # Mapped into `near`'s address space (peer access, e.g. over NVLink), the memory is a
+        # tensor on `near`: kernels there read and write it directly, and this process never
+        # runs work in a context on the owner's GPU, where it would time-slice with that
+        # GPU's own processes.
+        near_index = near.index if near.index is not None else torch.cuda.current_device()
+        tries = [owner]
+        if near_index != owner and torch.cuda.can_device_access_peer(near_index, owner):
+            tries.insert(0, near_index)
+        for i, index in enumerate(tries):
+            try:
+                storage = torch.UntypedStorage._new_shared_cuda(
+                    index,
+                    c.handle,
+                    c.storage_size,
+                    c.storage_offset,
+                    c.ref_counter_handle,
+                    c.ref_counter_offset,
+                    c.event_handle or None,
+                    c.event_sync_required,
+                )
+                break
+            except RuntimeError as exc:
+                if i == len(tries) - 1:
+                    raise SharedMemoryError(f"CUDA IPC open failed: {exc}") from None
+                log.info(
+                    "CUDA IPC open on cuda:%d failed (%s); mapping on cuda:%d", index, exc, owner
+                )
         memory = torch.empty(0, dtype=torch.uint8, device=f"cuda:{index}").set_(storage)
         if memory.numel() < size:
             raise SharedMemoryError(f"the CUDA allocation is smaller than {size} bytes")
@@ -331,9 +350,9 @@ class RegionTable:
         self.capacity = capacity
         self._regions: dict[str, MappedRegion] = {}
 
-    def attach(self, request: pb.AttachRegionRequest, allow_cuda: bool) -> MappedRegion:
+    def attach(self, request: pb.AttachRegionRequest, near: torch.device | None) -> MappedRegion:
         """Map the region `request` offers; SharedMemoryError if it cannot be mapped here."""
-        region = MappedRegion(request, allow_cuda)
+        region = MappedRegion(request, near)
         self._regions.pop(region.id, None)
         self._regions[region.id] = region
         while len(self._regions) > self.capacity:

@@ -29,6 +29,7 @@ from tests.test_metrics import scrape, total
 FP32_TOL = 1e-5
 CPU = torch.device("cpu")
 F32 = frozenset({torch.float32})
+BIG = 4096  # 4096 x 64 float32 = 1 MiB, and ~3000 rows per worker: over MIN_SHARED_BYTES
 
 # --------------------------------------------------------------------- allocator ---
 
@@ -58,7 +59,7 @@ def test_full_region_returns_none_and_freed_blocks_merge_back() -> None:
 def test_worker_maps_the_masters_host_region_and_sees_its_writes() -> None:
     region = SharedRegion(16 * ALIGN, CPU)
     try:
-        mapped = MappedRegion(region.description(), allow_cuda=False)
+        mapped = MappedRegion(region.description(), near=None)
         offset = region.alloc(4 * 8 * 4)
         region.view(offset, torch.float32, (4, 8)).copy_(torch.arange(32.0).view(4, 8))
         shared = region.shared(offset, torch.float32, (4, 8))
@@ -75,7 +76,7 @@ def test_mapping_a_name_that_is_not_here_says_another_host() -> None:
         id="0" * 16, size=4096, host=pb.HostRegion(name="moe_serve-1-" + "0" * 16)
     )
     with pytest.raises(SharedMemoryError, match="another host"):
-        MappedRegion(request, allow_cuda=False)
+        MappedRegion(request, near=None)
 
 
 def test_mapping_with_a_wrong_nonce_is_refused() -> None:
@@ -85,7 +86,7 @@ def test_mapping_with_a_wrong_nonce_is_refused() -> None:
         request.CopyFrom(region.description())
         request.nonce = bytes(16)
         with pytest.raises(SharedMemoryError, match="nonce"):
-            MappedRegion(request, allow_cuda=False)
+            MappedRegion(request, near=None)
     finally:
         region.close()
 
@@ -93,7 +94,7 @@ def test_mapping_with_a_wrong_nonce_is_refused() -> None:
 def test_cuda_region_is_refused_by_a_worker_without_cuda() -> None:
     request = pb.AttachRegionRequest(id="1" * 16, size=4096, cuda=pb.CudaRegion(device_uuid="x"))
     with pytest.raises(SharedMemoryError, match="no CUDA device"):
-        MappedRegion(request, allow_cuda=False)
+        MappedRegion(request, near=None)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,7 @@ def test_cuda_region_is_refused_by_a_worker_without_cuda() -> None:
 def test_bad_shared_tensor_names_the_field(change: dict[str, Any], field: str) -> None:
     region = SharedRegion(8 * ALIGN, CPU)
     try:
-        mapped = MappedRegion(region.description(), allow_cuda=False)
+        mapped = MappedRegion(region.description(), near=None)
         shared = region.shared(ALIGN, torch.float32, (4, 8))
         for key, value in change.items():
             if key == "shape":
@@ -126,7 +127,7 @@ def test_bad_shared_tensor_names_the_field(change: dict[str, Any], field: str) -
 def test_unknown_region_id_is_not_attached() -> None:
     region = SharedRegion(8 * ALIGN, CPU)
     try:
-        mapped = MappedRegion(region.description(), allow_cuda=False)
+        mapped = MappedRegion(region.description(), near=None)
         with pytest.raises(RegionNotAttachedError):
             mapped.view(pb.SharedTensor(region="f" * 16), "hidden_shared", F32, 2)
     finally:
@@ -148,7 +149,7 @@ def plain(cluster_factory: Any) -> Cluster:
 
 @pytest.fixture(scope="module")
 def tiny(cluster_factory: Any) -> Cluster:
-    # Room for 32 x 64 float32 rows in and out: larger slices must fall back to bytes.
+    # Room for 32 x 64 float32 rows in and out: every slice worth sharing falls back to bytes.
     return cluster_factory(world(master={"shared_memory_bytes": ALIGN + 2 * 32 * 64 * 4}))
 
 
@@ -158,13 +159,13 @@ def _x(tokens: int, seed: int) -> torch.Tensor:
 
 def test_calls_go_through_shared_memory_on_one_host(shared: Cluster) -> None:
     with MoEClient(shared.address) as client:
-        client.infer(_x(16, 0))
+        client.infer(_x(BIG, 0))  # each worker's slice is well over MIN_SHARED_BYTES
     samples = scrape(shared.metrics_url())
     assert total(samples, "moe_serve_worker_calls_total", transport="shared") >= 2
     assert total(samples, "moe_serve_worker_calls_total", transport="bytes") == 0
 
 
-@pytest.mark.parametrize("tokens", [1, 37, 512])
+@pytest.mark.parametrize("tokens", [1, 37, 4096])
 def test_shared_memory_and_bytes_give_bit_identical_outputs(
     shared: Cluster, plain: Cluster, tokens: int
 ) -> None:
@@ -175,7 +176,7 @@ def test_shared_memory_and_bytes_give_bit_identical_outputs(
 
 def test_concurrent_calls_see_only_their_own_rows(shared: Cluster) -> None:
     ref = ReferenceMoE(shared.cfg.model, shared.cfg.routing)
-    xs = [_x(1 + 7 * i, 100 + i) for i in range(16)]
+    xs = [_x(2048 + 7 * i, 100 + i) for i in range(8)]
 
     async def main() -> list[torch.Tensor]:
         async with AsyncMoEClient(shared.address) as client:
@@ -189,7 +190,7 @@ def test_concurrent_calls_see_only_their_own_rows(shared: Cluster) -> None:
 def test_full_region_falls_back_to_bytes_with_the_same_result(
     tiny: Cluster, plain: Cluster
 ) -> None:
-    x = _x(400, 5)  # each worker's slice exceeds the region
+    x = _x(BIG, 5)  # each worker's slice exceeds the region
     with MoEClient(tiny.address) as a, MoEClient(plain.address) as b:
         assert torch.equal(a.infer(x), b.infer(x))
     samples = scrape(tiny.metrics_url())
@@ -199,15 +200,15 @@ def test_full_region_falls_back_to_bytes_with_the_same_result(
 
 # ------------------------------------------------------------ client <-> master ---
 
-BIG = 4096  # 4096 x 64 float32 = 1 MiB: above the client's SHARED_MIN_BYTES
-
 
 def test_large_requests_from_a_same_host_client_use_shared_memory(shared: Cluster) -> None:
+    name = "moe_serve_master_infer_transport_total"
+    before = total(scrape(shared.metrics_url()), name, transport="shared")
     with MoEClient(shared.address) as client:
         client.infer(_x(BIG, 1))
         client.infer(_x(BIG, 2))
-    samples = scrape(shared.metrics_url())
-    assert total(samples, "moe_serve_master_infer_transport_total", transport="shared") == 2
+        client.infer(_x(16, 2))  # small: bytes
+    assert total(scrape(shared.metrics_url()), name, transport="shared") - before == 2
 
 
 def test_client_shared_memory_gives_the_bytes_result_bit_identical(
@@ -241,4 +242,4 @@ def test_client_with_shared_memory_off_sends_bytes(plain: Cluster) -> None:
     after = scrape(plain.metrics_url())
     name = "moe_serve_master_infer_transport_total"
     assert total(after, name, transport="bytes") - total(before, name, transport="bytes") == 1
-    assert total(after, name, transport="shared") == 0
+    assert total(after, name, transport="shared") == total(before, name, transport="shared")

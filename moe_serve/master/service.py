@@ -31,6 +31,10 @@ from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, serialize, tensor_from_pb,
 
 log = logging.getLogger(__name__)
 
+# Requests up to this size that arrive as bytes stay in host memory until their batch moves
+# to master.device in one copy.
+HOST_BATCH_BYTES = 1 << 20
+
 
 class MasterService(pb_grpc.MoEMasterServicer):
     """Holds every MoE layer's gate and shared experts on `master.device`; serves Infer, GetInfo."""
@@ -91,7 +95,11 @@ class MasterService(pb_grpc.MoEMasterServicer):
     ) -> list[tuple[torch.Tensor, Routing]]:
         """One forward of `layer` over the calls' rows together -> (output [T_i, H] float32,
         routing) per call, each equal to what the call alone would get."""
-        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        on_host = [t.device != self.device for t in xs]
+        if all(on_host):
+            x = (xs[0] if len(xs) == 1 else torch.cat(xs)).to(self.device)
+        else:
+            x = torch.cat([t.to(self.device) for t in xs]) if len(xs) > 1 else xs[0]
         sizes = [t.shape[0] for t in xs]
         gate = self.gates[layer]
         if len(xs) == 1:
@@ -102,7 +110,8 @@ class MasterService(pb_grpc.MoEMasterServicer):
             r = gate(x, losses=False)
             routings = split_routing(r, sizes, losses)
         else:  # capacity is per request: each call is gated on its own rows
-            routings = [gate(t, losses=want) for t, want in zip(xs, losses, strict=True)]
+            parts = x.split(sizes)
+            routings = [gate(t, losses=want) for t, want in zip(parts, losses, strict=True)]
             r = merge_routings(routings)
         slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
         calls = [self.pool.forward(layer, x, sl, timeout_s) for sl in slices]
@@ -119,7 +128,11 @@ class MasterService(pb_grpc.MoEMasterServicer):
         if layer in self.shared:
             out += results[-1].float()
         self._observe(layer, r)
-        return list(zip(out.split(sizes), routings, strict=True))
+        outs = list(out.split(sizes))
+        if any(on_host):  # their replies are built in host memory: one copy for the batch
+            host = out.to("cpu").split(sizes)
+            outs = [h if back else o for h, o, back in zip(host, outs, on_host, strict=True)]
+        return list(zip(outs, routings, strict=True))
 
     def _output_view(self, request: pb.InferRequest, shape: torch.Size) -> torch.Tensor | None:
         if not request.HasField("output_shared"):
@@ -138,7 +151,8 @@ class MasterService(pb_grpc.MoEMasterServicer):
         self, request: pb.AttachRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.AttachRegionReply:
         try:
-            region = self.client_regions.attach(request, allow_cuda=torch.cuda.is_available())
+            near = self.device if self.device.type == "cuda" else None
+            region = self.client_regions.attach(request, near)
         except SharedMemoryError as exc:
             return pb.AttachRegionReply(attached=False, reason=str(exc))
         log.info("master: mapped a client's %d-byte region", region.size)
@@ -166,8 +180,11 @@ class MasterService(pb_grpc.MoEMasterServicer):
             raise RequestTooLargeError(
                 f"hidden.shape[0]: {T} tokens exceed master.max_request_tokens={limit}"
             )
-        x = x.to(self.device, self.dtype)
-        if not bool(torch.isfinite(x).all()):  # one host sync at the edge, before any fan-out
+        # A small request that came as bytes is converted and checked in host memory: its
+        # batch then moves to the device in one copy (_pass), not one copy and sync per call.
+        small = x.device.type == "cpu" and x.numel() * x.element_size() <= HOST_BATCH_BYTES
+        x = x.to(x.device if small else self.device, self.dtype)
+        if not bool(torch.isfinite(x).all()):  # one check at the edge, before any fan-out
             raise InvalidRequestError("hidden", "contains NaN or Inf")
         return x
 

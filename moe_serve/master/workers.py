@@ -26,7 +26,7 @@ from moe_serve.errors import (
 )
 from moe_serve.metrics import MasterMetrics
 from moe_serve.rpc import message_options, unary_call
-from moe_serve.shm import SharedMemoryError, SharedRegion
+from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import serialize, tensor_from_pb
@@ -79,7 +79,8 @@ class WorkerPool:
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
         """Send one worker its slice of a request; return its partial sums [N_w, H]."""
-        if self.region is not None and self.attached[sl.worker]:
+        big = sl.token_index.shape[0] * x.shape[1] * x.element_size() >= MIN_SHARED_BYTES
+        if big and self.region is not None and self.attached[sl.worker]:
             out = await self._forward_shared(self.region, layer, x, sl, timeout_s)
             if out is not None:
                 return out

@@ -69,9 +69,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     async def AttachRegion(
         self, request: pb.AttachRegionRequest, context: grpc.aio.ServicerContext
     ) -> pb.AttachRegionReply:
-        allow_cuda = any(d.type == "cuda" for d in self.engine.devices)
+        near = next((d for d in self.engine.devices if d.type == "cuda"), None)
         try:
-            region = MappedRegion(request, allow_cuda=allow_cuda)
+            region = MappedRegion(request, near)
         except SharedMemoryError as exc:
             return pb.AttachRegionReply(attached=False, reason=str(exc))
         self.region = region  # replaces (and so unmaps) a previous master's region
