@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -49,8 +48,6 @@ class MasterService(pb_grpc.MoEMasterServicer):
             for la in m.moe_layers
         }
         self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
-        # Shared experts run here while the worker calls are in flight.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shared")
         self.placement = Placement.from_config(cfg)
         self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
         self.client_regions = RegionTable()  # regions of clients on this host, by id
@@ -114,19 +111,27 @@ class MasterService(pb_grpc.MoEMasterServicer):
             routings = [gate(t, losses=want) for t, want in zip(parts, losses, strict=True)]
             r = merge_routings(routings)
         slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
-        calls = [self.pool.forward(layer, x, sl, timeout_s) for sl in slices]
+        loop = asyncio.get_running_loop()
+        calls = [loop.create_task(self.pool.forward(layer, x, sl, timeout_s)) for sl in slices]
+        shared = None
         if layer in self.shared:
-            loop = asyncio.get_running_loop()
-            act, w = self.cfg.model.activation, self.shared[layer]
-            calls.append(loop.run_in_executor(self._compute, shared_forward, act, w, x))
+            # Shared experts run here, on the loop's thread, once the worker calls are on
+            # their way (a thread pool would pay GIL handoffs on every op; see the worker's
+            # batcher): they overlap with the workers' compute.
+            try:
+                await asyncio.sleep(0)
+                shared = shared_forward(self.cfg.model.activation, self.shared[layer], x)
+            except BaseException:
+                for task in calls:
+                    task.cancel()
+                raise
         results = await asyncio.gather(*calls, return_exceptions=True)
         for res in results:
             if isinstance(res, BaseException):
                 raise res
-        partials = results[: len(slices)]
-        out = combine(x.shape[0], x.shape[1], slices, partials, self.device)  # [T, H] float32
-        if layer in self.shared:
-            out += results[-1].float()
+        out = combine(x.shape[0], x.shape[1], slices, results, self.device)  # [T, H] float32
+        if shared is not None:
+            out += shared.float()
         self._observe(layer, r)
         outs = list(out.split(sizes))
         if any(on_host):  # their replies are built in host memory: one copy for the batch
