@@ -7,7 +7,7 @@ Legend: T tokens, H hidden size, E experts, K experts per token (top_k).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -244,3 +244,13 @@ def merge_routings(routings: list[Routing]) -> Routing:
         load_balance_loss=None,
         importance_loss=None,
     )
+
+
+def routing_to(r: Routing, device: torch.device) -> Routing:
+    """`r` with every tensor on `device`."""
+    moved = {
+        f.name: getattr(r, f.name).to(device)
+        for f in fields(r)
+        if isinstance(getattr(r, f.name), torch.Tensor)
+    }
+    return replace(r, **moved)

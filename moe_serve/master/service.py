@@ -16,7 +16,7 @@ from moe_serve.config import WorldConfig
 from moe_serve.dispatch import combine, dispatch
 from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
 from moe_serve.experts import load_shared, shared_forward
-from moe_serve.gating import Gate, Routing, merge_routings, split_routing
+from moe_serve.gating import Gate, Routing, merge_routings, routing_to, split_routing
 from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
@@ -93,26 +93,25 @@ class MasterService(pb_grpc.MoEMasterServicer):
         """One forward of `layer` over the calls' rows together -> (output [T_i, H] float32,
         routing) per call, each equal to what the call alone would get."""
         on_host = [t.device != self.device for t in xs]
-        if all(on_host):
-            x = (xs[0] if len(xs) == 1 else torch.cat(xs)).to(self.device)
-        else:
-            x = torch.cat([t.to(self.device) for t in xs]) if len(xs) > 1 else xs[0]
         sizes = [t.shape[0] for t in xs]
-        gate = self.gates[layer]
-        if len(xs) == 1:
-            routings = [gate(x, losses=losses[0])]
-            r = routings[0]
-        elif self.cfg.routing.capacity_factor is None:
-            # Gating is row-wise without a capacity: gate the batch once, split per call.
-            r = gate(x, losses=False)
-            routings = split_routing(r, sizes, losses)
-        else:  # capacity is per request: each call is gated on its own rows
-            parts = x.split(sizes)
-            routings = [gate(t, losses=want) for t, want in zip(parts, losses, strict=True)]
-            r = merge_routings(routings)
-        slices = dispatch(r, self.owner[layer], len(self.placement.worker_ids))
+        if all(on_host):
+            host = xs[0] if len(xs) == 1 else torch.cat(xs)
+            x = host.to(self.device)
+        else:
+            host = None
+            x = torch.cat([t.to(self.device) for t in xs]) if len(xs) > 1 else xs[0]
+        r, routings = self._route(layer, x, sizes, losses)
+        # A batch of small byte requests (a GPU master's decode steps) is only gated on the
+        # device: one copy brings the routing back, and dispatch, the worker messages and
+        # the combine run in host memory, with none of the device syncs they cost there.
+        work, owner = x, self.owner[layer]
+        if host is not None:
+            work, owner = host, self.placement.owner[layer]
+            r = routing_to(r, host.device)
+            routings = [routing_to(q, host.device) for q in routings]
+        slices = dispatch(r, owner, len(self.placement.worker_ids))
         loop = asyncio.get_running_loop()
-        calls = [loop.create_task(self.pool.forward(layer, x, sl, timeout_s)) for sl in slices]
+        calls = [loop.create_task(self.pool.forward(layer, work, sl, timeout_s)) for sl in slices]
         shared = None
         if layer in self.shared:
             # Shared experts run here, on the loop's thread, once the worker calls are on
@@ -129,15 +128,31 @@ class MasterService(pb_grpc.MoEMasterServicer):
         for res in results:
             if isinstance(res, BaseException):
                 raise res
-        out = combine(x.shape[0], x.shape[1], slices, results, self.device)  # [T, H] float32
+        out = combine(x.shape[0], x.shape[1], slices, results, work.device)  # [T, H] float32
         if shared is not None:
-            out += shared.float()
+            out += shared.float().to(work.device)
         self._observe(layer, r)
         outs = list(out.split(sizes))
-        if any(on_host):  # their replies are built in host memory: one copy for the batch
-            host = out.to("cpu").split(sizes)
-            outs = [h if back else o for h, o, back in zip(host, outs, on_host, strict=True)]
+        if host is None and any(on_host):  # replies built in host memory: one copy for all
+            back = out.to("cpu").split(sizes)
+            outs = [b if h else o for b, o, h in zip(back, outs, on_host, strict=True)]
         return list(zip(outs, routings, strict=True))
+
+    def _route(
+        self, layer: int, x: torch.Tensor, sizes: list[int], losses: list[bool]
+    ) -> tuple[Routing, list[Routing]]:
+        """The batch's routing for dispatch, and each call's own."""
+        gate = self.gates[layer]
+        if len(sizes) == 1:
+            r = gate(x, losses=losses[0])
+            return r, [r]
+        if self.cfg.routing.capacity_factor is None:
+            # Gating is row-wise without a capacity: gate the batch once, split per call.
+            r = gate(x, losses=False)
+            return r, split_routing(r, sizes, losses)
+        # Capacity is per request: each call is gated on its own rows.
+        routings = [gate(t, losses=w) for t, w in zip(x.split(sizes), losses, strict=True)]
+        return merge_routings(routings), routings
 
     def _output_view(self, request: pb.InferRequest, shape: torch.Size) -> torch.Tensor | None:
         if not request.HasField("output_shared"):

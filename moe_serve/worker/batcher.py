@@ -23,6 +23,8 @@ from moe_serve.config import BatchingConfig
 from moe_serve.metrics import WorkerMetrics
 from moe_serve.worker.engine import WorkerEngine
 
+MEMORY_GAUGE_INTERVAL_S = 1.0
+
 
 @dataclass
 class _Call:
@@ -46,6 +48,7 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_Call] = asyncio.Queue()
         self._carry: _Call | None = None  # a call that did not fit in the previous batch
         self._task: asyncio.Task[None] | None = None
+        self._memory_read = 0.0  # monotonic time the memory gauge was last set
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -143,5 +146,9 @@ class DynamicBatcher:
         for e, n in enumerate(counts):
             if n:
                 m.expert_tokens.labels(str(layer), str(e)).inc(n)
-        for device, nbytes in self.engine.memory_bytes().items():
-            m.gpu_memory_bytes.labels(device).set(nbytes)
+        now = time.monotonic()
+        if now - self._memory_read >= MEMORY_GAUGE_INTERVAL_S:
+            # torch.cuda.memory_stats walks the allocator's whole table: not per batch.
+            self._memory_read = now
+            for device, nbytes in self.engine.memory_bytes().items():
+                m.gpu_memory_bytes.labels(device).set(nbytes)
