@@ -92,17 +92,18 @@ class InProcessMoE:
         """x [T, H] on master.device -> [T, H] in the model dtype."""
         r = self.gates[layer](x)
         slices = dispatch(r, self.owner[layer], len(self.engines))
+        # Every slice is copied to its worker's device before any expert runs, so the
+        # workers' GPUs compute at the same time, as the served workers do.
+        moved = []
+        for sl in slices:
+            dev = self.engines[sl.worker].devices[0]
+            pairs = (sl.pair_token, sl.pair_expert, sl.pair_weight)
+            moved.append((x[sl.token_index].to(dev), *(t.to(dev) for t in pairs), dev))
         partials = [
-            self.engines[sl.worker].forward(
-                layer,
-                x[sl.token_index],
-                sl.pair_token,
-                sl.pair_expert,
-                sl.pair_weight,
-                out_device=self.device,
-            )
-            for sl in slices
+            self.engines[sl.worker].forward(layer, h, t, e, w, out_device=dev)
+            for sl, (h, t, e, w, dev) in zip(slices, moved, strict=True)
         ]
+        partials = [p.to(self.device) for p in partials]
         out = combine(x.shape[0], x.shape[1], slices, partials, self.device)
         if layer in self.shared:
             out += shared_forward(self.cfg.model.activation, self.shared[layer], x).float()

@@ -210,11 +210,19 @@ class MasterService(pb_grpc.MoEMasterServicer):
 
     def _observe(self, layer: int, r: Routing) -> None:
         m, label = self.metrics, str(layer)
-        counts = torch.bincount(r.expert_ids[r.kept], minlength=self.cfg.model.num_experts)
-        for e, n in enumerate(counts.tolist()):
+        E = self.cfg.model.num_experts
+        # Kept pairs per expert, and the dropped count in the last slot, built on the device
+        # and read back with one sync (masked indexing and bincount would each add one).
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=r.expert_ids.device)
+        counts.scatter_add_(
+            0,
+            r.expert_ids.masked_fill(~r.kept, E).flatten(),
+            torch.ones_like(r.expert_ids).flatten(),
+        )
+        *per_expert, dropped = counts.tolist()
+        for e, n in enumerate(per_expert):
             if n:
                 m.expert_tokens.labels(label, str(e)).inc(n)
-        dropped = int(r.dropped_pairs)
         if dropped:
             m.dropped_pairs.labels(label).inc(dropped)
 
