@@ -191,6 +191,8 @@ _SERVER_METRICS = (
     ("moe_serve_request_seconds", "master"),
     ("moe_serve_worker_rpc_seconds", "master"),
     ("moe_serve_worker_forward_seconds", "worker"),
+    ("moe_serve_master_batch_requests", "master"),
+    ("moe_serve_worker_batch_tokens", "worker"),
 )
 
 
@@ -228,7 +230,8 @@ def _server_means(
     for key, (total, count) in after.items():
         total0, count0 = before.get(key, (0.0, 0.0))
         if count > count0:
-            means[key] = (total - total0) / (count - count0) * 1e3
+            scale = 1e3 if "seconds" in key else 1.0  # latencies in ms, sizes as they are
+            means[key] = (total - total0) / (count - count0) * scale
     return means
 
 
@@ -253,9 +256,16 @@ def _row(name: str, T: int, t: dict[str, float], flops: float) -> dict[str, Any]
 
 
 def concurrency_sweep(
-    address: str, hidden: int, device: str, clients: Sequence[int], seconds: float
-) -> dict[int, float]:
-    """Aggregate tokens/s of n concurrent clients each sending T=1 for `seconds`."""
+    address: str,
+    hidden: int,
+    device: str,
+    clients: Sequence[int],
+    seconds: float,
+    cfg: WorldConfig | None = None,
+) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """Aggregate tokens/s of n concurrent clients each sending T=1 for `seconds`, and with
+    `cfg`, the mean batch sizes the servers' metrics saw meanwhile: Infer calls per master
+    batch (`master_batch_requests`), tokens per worker batch (`worker_batch_tokens[w]`)."""
 
     async def run(n: int) -> float:
         x = torch.randn(1, hidden, device=device)
@@ -277,11 +287,17 @@ def concurrency_sweep(
         finally:
             await asyncio.gather(*(c.close() for c in conns))
 
-    out = {}
+    out, batches = {}, {}
     for n in clients:
+        before = server_seconds(cfg) if cfg is not None else {}
         out[n] = asyncio.run(run(n))
-        print(f"  clients={n:<3} {out[n]:10,.0f} tok/s", flush=True)
-    return out
+        line = f"  clients={n:<3} {out[n]:10,.0f} tok/s"
+        if cfg is not None:
+            means = _server_means(before, server_seconds(cfg))
+            batches[n] = {k: v for k, v in means.items() if "batch" in k}
+            line += "   mean batch: " + ", ".join(f"{k} {v:.1f}" for k, v in batches[n].items())
+        print(line, flush=True)
+    return out, batches
 
 
 def wire_gbps(device: str, iters: int = 10) -> dict[str, float]:
@@ -368,7 +384,8 @@ def run(
                     before = server_seconds(cfg)
                     timing = time_calls(lambda x=x: client.infer(x, layer=layer), iters, 0)
                     row = _row("moe_serve", T, timing, flops)
-                    row["server_mean_ms"] = _server_means(before, server_seconds(cfg))
+                    means = _server_means(before, server_seconds(cfg))
+                    row["server_mean_ms"] = {k: v for k, v in means.items() if "seconds" in k}
                     print(
                         "    in the servers (mean ms): "
                         + ", ".join(f"{k} {v:.3f}" for k, v in row["server_mean_ms"].items()),
@@ -376,8 +393,8 @@ def run(
                     )
                     rows.append(row)
             print("    concurrency sweep at T=1", flush=True)
-            sweep = concurrency_sweep(
-                cluster.master_address, H, cfg.master.device, clients, seconds
+            sweep, batches = concurrency_sweep(
+                cluster.master_address, H, cfg.master.device, clients, seconds, cfg
             )
         finally:
             cluster.stop()
@@ -399,6 +416,7 @@ def run(
         "config": cfg.model_dump(mode="json", warnings=False),
         "rows": rows,
         "concurrency": {str(n): v for n, v in sweep.items()},
+        "concurrency_batches": {str(n): v for n, v in batches.items()},
         "wire_gbps": wire,
         "stages_ms": stages,
         "summary": _summary(rows, sweep, gbps),

@@ -92,3 +92,6 @@ def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: P
     # The servers' own view of those calls, scraped from the exporters the config names.
     assert {"request_seconds", "worker_forward_seconds[w0]"} <= set(served["server_mean_ms"])
     assert served["server_mean_ms"]["request_seconds"] < served["mean_ms"]
+    # The sweep reports the batch sizes the master's and workers' histograms saw.
+    assert doc["concurrency_batches"]["2"]["master_batch_requests"] >= 1
+    assert "worker_batch_tokens[w0]" in doc["concurrency_batches"]["2"]
