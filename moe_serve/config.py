@@ -150,6 +150,8 @@ class BatchingConfig(_Frozen):
     # window here would only add latency; a worker shared by several masters may want one.
     max_delay_us: int = Field(0, ge=0, le=1_000_000)
     max_batch_tokens: int = Field(16384, gt=0)
+    # Replay small batches (<= 64 tokens, <= 256 pairs) from CUDA graphs on CUDA workers.
+    cuda_graphs: bool = True
 
 
 def _check_device_syntax(v: str) -> str:

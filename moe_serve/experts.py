@@ -178,3 +178,69 @@ def grouped_forward(
     y = stack.forward_sorted(hidden[token], slot)  # [P, H]
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     return out.index_add_(0, token, y.float() * weight.unsqueeze(1))
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Captured:
+    """One captured graph and its static buffers."""
+
+    def __init__(self, stack: ExpertStack, tokens: int, pairs: int) -> None:
+        dev, w = stack.device, stack.weights["down" if stack.kind == "glu" else "fc2"]
+        # Row `tokens` stays zero: padding pairs point at it with weight 0.
+        self.hidden = torch.zeros(tokens + 1, w.shape[1], dtype=w.dtype, device=dev)
+        self.token = torch.full((pairs,), tokens, dtype=torch.int64, device=dev)
+        self.slot = torch.zeros(pairs, dtype=torch.int64, device=dev)
+        self.weight = torch.zeros(pairs, dtype=torch.float32, device=dev)
+        args = (stack, self.hidden, self.token, self.slot, self.weight)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up off the capture: allocator, kernel selection
+            for _ in range(2):
+                grouped_forward(*args)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = grouped_forward(*args)
+
+
+class SmallBatchGraphs:
+    """CUDA graphs of `grouped_forward` over one stack for small batches (decode steps).
+
+    A small batch's forward is some fifteen kernel launches that each cost more than their
+    work; one graph replay launches them all. Graphs are captured on first use per bucket
+    (tokens and pairs rounded up to powers of two, at most MAX_TOKENS and MAX_PAIRS); a
+    batch is padded up to its bucket with pairs of weight 0 on an all-zero row.
+    """
+
+    MAX_TOKENS, MAX_PAIRS = 64, 256
+
+    def __init__(self, stack: ExpertStack) -> None:
+        self.stack = stack
+        self._graphs: dict[tuple[int, int], _Captured] = {}
+        self.enabled = stack.device.type == "cuda" and stack.grouped_mm
+
+    def fits(self, tokens: int, pairs: int) -> bool:
+        """Whether a batch of this size is replayed from a graph."""
+        return self.enabled and 0 < pairs <= self.MAX_PAIRS and tokens <= self.MAX_TOKENS
+
+    def __call__(
+        self, hidden: torch.Tensor, token: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """grouped_forward(stack, hidden, token, slot, weight) for a batch that fits."""
+        n, p = hidden.shape[0], token.shape[0]
+        key = (_bucket(n), _bucket(p))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = _Captured(self.stack, *key)
+        g.hidden[:n].copy_(hidden)
+        g.token[:p].copy_(token)
+        g.token[p:].fill_(key[0])
+        g.slot[:p].copy_(slot)
+        g.slot[p:].zero_()
+        g.weight[:p].copy_(weight)
+        g.weight[p:].zero_()
+        g.graph.replay()
+        return g.out[:n].clone()  # the static output is overwritten by the next replay

@@ -164,3 +164,34 @@ def test_grouped_gemm_on_cuda_matches_the_per_expert_loop_in_bfloat16(kind: str)
     b = grouped_forward(loop, hidden, token, slot, weight)
     # Both round each GEMM's output to bfloat16 (u = 2**-8); accumulation orders differ.
     assert ((a - b).norm() / b.norm()).item() <= 2 * 2.0**-8
+
+
+def test_small_batch_cuda_graphs_match_the_eager_forward() -> None:
+    from moe_serve.config import ModelConfig, RoutingConfig
+    from moe_serve.experts import ExpertStack, SmallBatchGraphs, grouped_forward
+    from moe_serve.weights import SyntheticWeights
+
+    m = ModelConfig(hidden_size=512, expert_ffn_size=1024, num_experts=4, expert_kind="glu")
+    dev = torch.device("cuda:0")
+    stack = ExpertStack(
+        "glu",
+        "silu",
+        SyntheticWeights(m, RoutingConfig()).experts(0, [0, 1, 2, 3]),
+        dev,
+        torch.bfloat16,
+    )
+    graphs = SmallBatchGraphs(stack)
+    g = torch.Generator(device=dev).manual_seed(0)
+    # Sizes in the same bucket one after another: stale rows of a larger batch must not leak.
+    for n, p in [(5, 9), (3, 4), (8, 16), (1, 2), (64, 256)]:
+        assert graphs.fits(n, p)
+        hidden = torch.randn(n, 512, device=dev, generator=g).to(torch.bfloat16)
+        token = torch.randint(0, n, (p,), device=dev, generator=g)
+        slot = torch.randint(0, 4, (p,), device=dev, generator=g)
+        weight = torch.rand(p, device=dev, generator=g)
+        expected = grouped_forward(stack, hidden, token, slot, weight)
+        # float32 sums of bf16 products; index_add_'s atomics may add a token's 3+ pairs in
+        # another order, so allow float32 rounding, nothing more.
+        torch.testing.assert_close(
+            graphs(hidden, token, slot, weight), expected, rtol=1e-6, atol=1e-6
+        )

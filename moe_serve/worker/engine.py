@@ -14,7 +14,7 @@ import torch
 
 from moe_serve.config import ModelConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError
-from moe_serve.experts import ExpertStack, grouped_forward
+from moe_serve.experts import ExpertStack, SmallBatchGraphs, grouped_forward
 from moe_serve.placement import device_assignment
 from moe_serve.weights import WeightSource
 from moe_serve.wire import DTYPE_NAMES
@@ -56,11 +56,19 @@ class _Progress:
 class WorkerEngine:
     """Experts of one worker for every MoE layer, stacked per device."""
 
-    def __init__(self, model: ModelConfig, worker: WorkerConfig, source: WeightSource) -> None:
+    def __init__(
+        self,
+        model: ModelConfig,
+        worker: WorkerConfig,
+        source: WeightSource,
+        cuda_graphs: bool = True,
+    ) -> None:
         self.model, self.worker = model, worker
         self.dtype = DTYPE_NAMES[model.dtype]
         self.devices = [torch.device(d) for d in worker.devices]
         self.stacks: dict[int, list[ExpertStack | None]] = {}
+        self.cuda_graphs = cuda_graphs
+        self.graphs: dict[int, list[SmallBatchGraphs | None]] = {}
         self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
         self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
         self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -85,6 +93,9 @@ class WorkerEngine:
             stacks.append(stack)
             progress.add(len(experts), stack.nbytes())
         self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
+        self.graphs[layer] = [
+            SmallBatchGraphs(s) if s is not None and self.cuda_graphs else None for s in stacks
+        ]
 
     def held(self, layer: int) -> tuple[int, ...]:
         """Expert ids held on `layer`, ascending."""
@@ -158,9 +169,12 @@ class WorkerEngine:
                 t, sl, w = token[sel], slot[sel], weight[sel]
             # The whole [N, H] block moves: picking only this device's rows would need
             # the distinct tokens on the host first (a sync), to save at most a copy.
-            part = grouped_forward(
-                stack, hidden.to(dev, self.dtype), t.to(dev), sl.to(dev), w.to(dev)
-            )
+            args = (hidden.to(dev, self.dtype), t.to(dev), sl.to(dev), w.to(dev))
+            graphs = self.graphs[layer][d]
+            if graphs is not None and graphs.fits(hidden.shape[0], t.shape[0]):
+                part = graphs(*args)
+            else:
+                part = grouped_forward(stack, *args)
             out = part if out is None else out.add_(part.to(out.device))
         if out is None:
             out = torch.zeros(hidden.shape, dtype=torch.float32)

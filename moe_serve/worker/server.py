@@ -22,7 +22,8 @@ def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
     worker = cfg.worker(worker_id)
     index = cfg.workers.index(worker)
     check_devices_exist(worker.devices, f"workers[{index}].devices")
-    return WorkerEngine(cfg.model, worker, open_weights(cfg.model, cfg.routing))
+    source = open_weights(cfg.model, cfg.routing)
+    return WorkerEngine(cfg.model, worker, source, cuda_graphs=cfg.batching.cuda_graphs)
 
 
 async def serve(cfg: WorldConfig, worker_id: str) -> None:
