@@ -7,12 +7,15 @@ Legend: N distinct tokens, P (token, expert) pairs, H hidden, F expert FFN size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from moe_serve.weights import ExpertWeights, WeightSource
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -234,7 +237,12 @@ class SmallBatchGraphs:
         key = (_bucket(n), _bucket(p))
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = _Captured(self.stack, *key)
+            try:
+                g = self._graphs[key] = _Captured(self.stack, *key)
+            except RuntimeError as exc:  # a kernel that cannot be captured on this build
+                log.warning("CUDA graphs off for %s: capture failed: %s", self.stack.device, exc)
+                self.enabled = False
+                return grouped_forward(self.stack, hidden, token, slot, weight)
         g.hidden[:n].copy_(hidden)
         g.token[:p].copy_(token)
         g.token[p:].fill_(key[0])
