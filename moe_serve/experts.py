@@ -225,6 +225,11 @@ class SmallBatchGraphs:
         self._graphs: dict[tuple[int, int], _Captured] = {}
         self.enabled = stack.device.type == "cuda" and stack.grouped_mm
 
+    @property
+    def captured(self) -> int:
+        """Graphs captured so far."""
+        return len(self._graphs)
+
     def fits(self, tokens: int, pairs: int) -> bool:
         """Whether a batch of this size is replayed from a graph."""
         return self.enabled and 0 < pairs <= self.MAX_PAIRS and tokens <= self.MAX_TOKENS

@@ -195,3 +195,4 @@ def test_small_batch_cuda_graphs_match_the_eager_forward() -> None:
         torch.testing.assert_close(
             graphs(hidden, token, slot, weight), expected, rtol=1e-6, atol=1e-6
         )
+    assert graphs.enabled and graphs.captured == 4  # (8,16) twice; the others one each
