@@ -268,7 +268,7 @@ def concurrency_sweep(
     batch (`master_batch_requests`), tokens per worker batch (`worker_batch_tokens[w]`)."""
 
     async def run(n: int) -> float:
-        x = torch.randn(1, hidden, device=device)
+        x = torch.randn(1, hidden).to(device)  # host RNG, as for the T sweep's inputs
         conns = [AsyncMoEClient(address) for _ in range(n)]
         done = 0
 
@@ -307,7 +307,7 @@ def wire_gbps(device: str, iters: int = 10) -> dict[str, float]:
     them back into a tensor, as master and worker do per call; `to_device`: the same plus
     the decoded tensor's copy back to `device`.
     """
-    t = torch.randn(4096, 4096, device=device).to(torch.bfloat16)
+    t = torch.randn(4096, 4096).to(device, torch.bfloat16)  # host RNG, as for the T sweep's inputs
     nbytes = t.numel() * t.element_size()
 
     def round_trip() -> torch.Tensor:
@@ -364,7 +364,9 @@ def run(
         f"E={cfg.model.num_experts}, K={cfg.model.top_k}, {cfg.model.dtype}",
         flush=True,
     )
-    xs = {T: torch.randn(T, H, device=cfg.master.device).to(dtype) for T in tokens}
+    # Inputs come from the host RNG: once the in-process engines have captured CUDA graphs,
+    # torch 2.11's CUDA generator refuses to advance outside a capture in this process.
+    xs = {T: torch.randn(T, H).to(cfg.master.device, dtype) for T in tokens}
     print("(a) in-process", flush=True)
     in_process, stages = _in_process(cfg, xs, layer, iters, flops)
     rows += in_process
