@@ -32,11 +32,20 @@ def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[Wo
     owner: [E] worker index per expert, on the routing's device.
     """
     t, k = routing.kept.nonzero(as_tuple=True)  # [P] kept pairs, token-major
-    expert = routing.expert_ids[t, k]
+    return group_pairs(t, routing.expert_ids[t, k], routing.weights[t, k], owner, num_workers)
+
+
+def group_pairs(
+    row: torch.Tensor,  # [P] int64 request rows, token-major
+    expert: torch.Tensor,  # [P] int64 global expert ids
+    weight: torch.Tensor,  # [P] float
+    owner: torch.Tensor,  # [E] worker index per expert; -1: no worker
+    num_workers: int,
+) -> list[WorkerSlice]:
+    """One WorkerSlice per worker that owns some of the pairs (token order kept)."""
     worker = owner[expert]  # [P]
     order = torch.argsort(worker, stable=True)  # grouped by worker, token order kept
-    t, expert, worker = t[order], expert[order], worker[order]
-    weight = routing.weights[t, k[order]]
+    row, expert, worker, weight = row[order], expert[order], worker[order], weight[order]
     # Host sync: the per-worker pair counts decide how many messages go out and their sizes.
     counts = torch.bincount(worker, minlength=num_workers).tolist()
     slices, start = [], 0
@@ -44,7 +53,7 @@ def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[Wo
         if n == 0:
             continue
         sl = slice(start, start + n)
-        tokens, pair_token = torch.unique_consecutive(t[sl], return_inverse=True)
+        tokens, pair_token = torch.unique_consecutive(row[sl], return_inverse=True)
         slices.append(
             WorkerSlice(
                 worker=w,
@@ -56,6 +65,14 @@ def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[Wo
         )
         start += n
     return slices
+
+
+def regroup(sl: WorkerSlice, owner: torch.Tensor, num_workers: int) -> list[WorkerSlice]:
+    """The pairs of a failed slice, split again by a new owner table (failover)."""
+    device = owner.device
+    row = sl.token_index.to(device)[sl.pair_token.to(device).long()]
+    expert = sl.pair_expert.to(device).long()
+    return group_pairs(row, expert, sl.pair_weight.to(device), owner, num_workers)
 
 
 def combine(

@@ -83,6 +83,11 @@ class MasterMetrics:
             ["worker", "transport"],
             registry=r,
         )
+        self.failovers = Counter(
+            "moe_serve_master_failovers",
+            "Worker slices resent to other replicas after their worker was unavailable",
+            registry=r,
+        )
         self.shared_fallbacks = Counter(
             "moe_serve_master_shared_fallbacks",
             "Worker calls sent as gRPC bytes because the shared region was full",

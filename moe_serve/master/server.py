@@ -33,8 +33,10 @@ async def serve(cfg: WorldConfig) -> None:
         field="master.listen",
         serving=False,
     )
-    # Ready (SERVING) while every worker answers its health check.
-    pool.start_watch(lambda all_up: set_serving(health, "moe_serve.v1.MoEMaster", all_up))
+    # Ready (SERVING) while every expert has a replica on a worker that answers its checks.
+    pool.start_watch(
+        lambda up: set_serving(health, "moe_serve.v1.MoEMaster", service.placement.covered(up))
+    )
     start_exporter(cfg.master.metrics_port, metrics.registry, "master.metrics_port")
     log.info(
         "master: serving layers %s on port %d (metrics: %s)",

@@ -13,14 +13,19 @@ import grpc
 import torch
 
 from moe_serve.config import WorldConfig
-from moe_serve.dispatch import combine, dispatch
-from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
+from moe_serve.dispatch import WorkerSlice, combine, dispatch, regroup
+from moe_serve.errors import (
+    InvalidRequestError,
+    MoEError,
+    RequestTooLargeError,
+    WorkerUnavailableError,
+)
 from moe_serve.experts import load_shared, shared_forward
 from moe_serve.gating import Gate, Routing, merge_routings, routing_to, split_routing
 from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
-from moe_serve.placement import Placement
+from moe_serve.placement import Placement, choose_owners
 from moe_serve.rpc import error_boundary
 from moe_serve.shm import RegionTable, SharedMemoryError
 from moe_serve.v1 import moe_pb2 as pb
@@ -49,7 +54,12 @@ class MasterService(pb_grpc.MoEMasterServicer):
         }
         self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
         self.placement = Placement.from_config(cfg)
-        self.owner = {la: t.to(self.device) for la, t in self.placement.owner.items()}
+        # Layers whose experts each have one holder: the owner table never changes.
+        self._single = {
+            la: all(len(h) == 1 for h in hs) for la, hs in self.placement.holders.items()
+        }
+        self._owner_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._turn = 0  # rotates ties between equally loaded replicas
         self.client_regions = RegionTable()  # regions of clients on this host, by id
         self.batcher = InferBatcher(self._pass, cfg.master, metrics)
 
@@ -104,13 +114,14 @@ class MasterService(pb_grpc.MoEMasterServicer):
         # A batch of small byte requests (a GPU master's decode steps) is only gated on the
         # device: one copy brings the routing back, and dispatch, the worker messages and
         # the combine run in host memory, with none of the device syncs they cost there.
-        work, owner = x, self.owner[layer]
+        work = x
         if host is not None:
-            work, owner = host, self.placement.owner[layer]
+            work = host
             r = routing_to(r, host.device)
             routings = [routing_to(q, host.device) for q in routings]
-        slices = dispatch(r, owner, len(self.placement.worker_ids))
+        slices = dispatch(r, self._owners(layer, work.device), len(self.placement.worker_ids))
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         calls = [loop.create_task(self.pool.forward(layer, work, sl, timeout_s)) for sl in slices]
         shared = None
         if layer in self.shared:
@@ -125,9 +136,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
                     task.cancel()
                 raise
         results = await asyncio.gather(*calls, return_exceptions=True)
-        for res in results:
-            if isinstance(res, BaseException):
-                raise res
+        slices, results = await self._fail_over(layer, work, slices, results, deadline)
         out = combine(x.shape[0], x.shape[1], slices, results, work.device)  # [T, H] float32
         if shared is not None:
             out += shared.float().to(work.device)
@@ -137,6 +146,68 @@ class MasterService(pb_grpc.MoEMasterServicer):
             back = out.to("cpu").split(sizes)
             outs = [b if h else o for b, o, h in zip(back, outs, on_host, strict=True)]
         return list(zip(outs, routings, strict=True))
+
+    def _owners(self, layer: int, device: torch.device, strict: bool = False) -> torch.Tensor:
+        """[E] worker index per expert for this batch: its live replica with the least
+        outstanding tokens. An expert with no live replica goes to its first holder (the
+        call then fails or finds it back), or with `strict` gets -1."""
+        holders = self.placement.holders[layer]
+        if not strict and self._single[layer] and all(self.pool.healthy):
+            return self._static_owner(layer, device)  # nothing to choose
+        self._turn += 1
+        live = self.pool.healthy
+        owners = choose_owners(holders, live, self.pool.outstanding, self._turn)
+        if not strict:
+            owners = [o if o >= 0 else h[0] for o, h in zip(owners, holders, strict=True)]
+        return torch.tensor(owners, dtype=torch.int64, device=device)
+
+    def _static_owner(self, layer: int, device: torch.device) -> torch.Tensor:
+        key = (layer, device)
+        if key not in self._owner_cache:
+            self._owner_cache[key] = self.placement.owner[layer].to(device)
+        return self._owner_cache[key]
+
+    async def _fail_over(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        slices: list[WorkerSlice],
+        results: list[torch.Tensor | BaseException],
+        deadline: float,
+    ) -> tuple[list[WorkerSlice], list[torch.Tensor]]:
+        """Resend the slices of workers that turned out unavailable to live replicas of
+        their experts, until every slice has its partial sums; UNAVAILABLE naming the
+        experts when one has no live replica left. Other errors are raised as they are."""
+        done: list[tuple[WorkerSlice, torch.Tensor]] = []
+        loop, W = asyncio.get_running_loop(), len(self.placement.worker_ids)
+        for _ in range(W + 1):  # each round loses at least one worker, or ends
+            failed = []
+            for sl, res in zip(slices, results, strict=True):
+                if isinstance(res, WorkerUnavailableError):
+                    failed.append(sl)
+                elif isinstance(res, BaseException):
+                    raise res
+                else:
+                    done.append((sl, res))
+            if not failed:
+                break
+            owner = self._owners(layer, x.device, strict=True)
+            experts = sorted({e for sl in failed for e in sl.pair_expert.tolist()})
+            lost = [e for e in experts if int(owner[e]) < 0]
+            if lost:
+                gone = sorted({self.placement.worker_ids[sl.worker] for sl in failed})
+                raise WorkerUnavailableError(
+                    f"no live replica for layer {layer} experts {lost}: worker(s) {gone} "
+                    "unavailable"
+                )
+            self.metrics.failovers.inc(len(failed))
+            slices = [s for sl in failed for s in regroup(sl, owner, W)]
+            timeout = max(deadline - loop.time(), 0.001)
+            results = await asyncio.gather(
+                *(self.pool.forward(layer, x, sl, timeout) for sl in slices),
+                return_exceptions=True,
+            )
+        return [sl for sl, _ in done], [res for _, res in done]
 
     def _route(
         self, layer: int, x: torch.Tensor, sizes: list[int], losses: list[bool]

@@ -61,6 +61,7 @@ class WorkerPool:
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
         self._control = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
         self.healthy = [False] * len(cfg.workers)
+        self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
         self.region = _open_region(cfg)
         self.attached = [False] * len(cfg.workers)  # has mapped self.region
         self._watch: asyncio.Task[None] | None = None
@@ -79,6 +80,16 @@ class WorkerPool:
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
         """Send one worker its slice of a request; return its partial sums [N_w, H]."""
+        tokens = sl.token_index.shape[0]
+        self.outstanding[sl.worker] += tokens
+        try:
+            return await self._forward_either(layer, x, sl, timeout_s)
+        finally:
+            self.outstanding[sl.worker] -= tokens
+
+    async def _forward_either(
+        self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
+    ) -> torch.Tensor:
         big = sl.token_index.shape[0] * x.shape[1] * x.element_size() >= MIN_SHARED_BYTES
         if big and self.region is not None and self.attached[sl.worker]:
             out = await self._forward_shared(self.region, layer, x, sl, timeout_s)
@@ -208,13 +219,13 @@ class WorkerPool:
 
         await asyncio.gather(*(check(i) for i in range(len(self.workers))))
 
-    def start_watch(self, on_probe: Callable[[bool], Awaitable[None]]) -> None:
-        """Probe every HEALTH_INTERVAL_S in the background; tell `on_probe` if all are up."""
+    def start_watch(self, on_probe: Callable[[list[bool]], Awaitable[None]]) -> None:
+        """Probe every HEALTH_INTERVAL_S in the background; hand `on_probe` who is up."""
 
         async def watch() -> None:
             while True:
                 await self.probe()
-                await on_probe(all(self.healthy))
+                await on_probe(list(self.healthy))
                 await asyncio.sleep(HEALTH_INTERVAL_S)
 
         self._watch = asyncio.get_running_loop().create_task(watch())
