@@ -124,7 +124,8 @@ class MasterConfig(_Frozen):
     max_request_tokens: int = Field(65536, gt=0)
     # gRPC message limit for requests and worker replies (gRPC's maximum is 2 GiB - 1).
     max_message_bytes: int = Field((1 << 31) - 1, gt=0, le=(1 << 31) - 1)
-    # Bound on each worker call when the client sets no deadline.
+    # Bound on each worker call (within the client's deadline): a worker that has not
+    # answered by then is treated as down and its slice goes to a replica.
     worker_timeout_s: float = Field(30.0, gt=0)
     # Infer calls that arrive while the master is busy are gated and sent to the workers
     # together, up to this many tokens per batch; extra wait for more calls (0: none).

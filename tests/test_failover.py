@@ -164,3 +164,25 @@ def test_expert_without_a_live_replica_fails_promptly_naming_it(tmp_path: Path) 
         assert "w1" in err.value.message
     finally:
         parts.stop()
+
+
+def test_frozen_replica_is_bypassed_within_the_deadline_and_comes_back(tmp_path: Path) -> None:
+    config = world(workers=[{"experts": ALL}, {"experts": ALL}], master={"worker_timeout_s": 1.0})
+    parts = Parts(config, tmp_path)
+    pid = parts.procs["w1"].pid
+    try:
+        with MoEClient(parts.cfg.master.listen, timeout=20) as client:
+            os.kill(pid, signal.SIGSTOP)  # frozen: connection open, no answers
+            start = time.monotonic()
+            for i in range(6):
+                client.infer(torch.randn(16, 64, generator=torch.Generator().manual_seed(i)))
+            assert time.monotonic() - start < 10.0  # at most one worker_timeout_s per stall
+            os.kill(pid, signal.SIGCONT)
+            back_at, before = time.monotonic(), _calls(parts, "w1")
+            while _calls(parts, "w1") == before:
+                assert time.monotonic() - back_at < 5.0, "w1 got no traffic 5 s after SIGCONT"
+                client.infer(torch.randn(16, 64))
+                time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        parts.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import grpc
@@ -82,7 +83,9 @@ class MasterService(pb_grpc.MoEMasterServicer):
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> bytes:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
         target = self._output_view(request, x.shape)
-        timeout = self.cfg.master.worker_timeout_s if remaining_s is None else remaining_s
+        # No client deadline: no overall bound; each worker call is still bounded by
+        # master.worker_timeout_s (WorkerPool).
+        timeout = math.inf if remaining_s is None else remaining_s
         out, r = await self.batcher.submit(layer, x, request.return_routing, timeout)
         self.metrics.tokens.labels(str(layer)).inc(x.shape[0])
         self.metrics.request_tokens.observe(x.shape[0])

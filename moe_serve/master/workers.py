@@ -62,6 +62,7 @@ class WorkerPool:
         self._control = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
         self.healthy = [False] * len(cfg.workers)
         self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
+        self.call_timeout_s = cfg.master.worker_timeout_s
         self.region = _open_region(cfg)
         self.attached = [False] * len(cfg.workers)  # has mapped self.region
         self._watch: asyncio.Task[None] | None = None
@@ -150,10 +151,13 @@ class WorkerPool:
         w = self.workers[sl.worker]
         self.metrics.worker_calls.labels(w.id, transport).inc()
         start = time.perf_counter()
+        # Each call is bounded by worker_timeout_s even when the client allows more: a
+        # frozen worker (stopped, connection open) must be given up in time to resend.
+        bound = min(timeout_s, self.call_timeout_s)
         try:
-            reply = await self._forward[sl.worker](request, timeout=timeout_s)
+            reply = await self._forward[sl.worker](request, timeout=bound)
         except grpc.aio.AioRpcError as exc:
-            raise self._call_error(sl, layer, exc) from None
+            raise self._call_error(sl, layer, exc, own_bound=bound < timeout_s) from None
         finally:
             self.metrics.worker_rpc_seconds.labels(w.id).observe(time.perf_counter() - start)
         self._set_health(sl.worker, True)
@@ -181,11 +185,22 @@ class WorkerPool:
             )
         self.attached[index] = reply.attached
 
-    def _call_error(self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError) -> MoEError:
+    def _call_error(
+        self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError, own_bound: bool
+    ) -> MoEError:
         w = self.workers[sl.worker]
         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "region" in (exc.details() or ""):
             return RegionLostError(exc.details())
         experts = sorted(set(sl.pair_expert.tolist()))
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and own_bound:
+            # The worker, not the client's deadline, ran out: treat it as down (frozen or
+            # overloaded); its slice can still go to a replica.
+            self._set_health(sl.worker, False)
+            return WorkerUnavailableError(
+                f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
+                f"({w.address}) did not answer within master.worker_timeout_s="
+                f"{self.call_timeout_s:g}"
+            )
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineError(
                 f"deadline exceeded waiting for worker {w.id!r} ({w.address}), layer {layer} "
