@@ -186,3 +186,30 @@ def test_frozen_replica_is_bypassed_within_the_deadline_and_comes_back(tmp_path:
     finally:
         os.kill(pid, signal.SIGCONT)
         parts.stop()
+
+
+def test_sigterm_drains_a_worker_under_load_without_failing_a_request(
+    replicated: Parts,
+) -> None:
+    outcomes: list[str] = []
+
+    async def client_loop(until: float) -> None:
+        async with AsyncMoEClient(replicated.cfg.master.listen, timeout=20) as client:
+            while time.monotonic() < until:
+                try:
+                    await client.infer(torch.randn(8, 64))
+                    outcomes.append("ok")
+                except MoEServeError as exc:
+                    outcomes.append(f"{exc.code.name}: {exc.message}")
+
+    async def main() -> None:
+        until = time.monotonic() + 4.0
+        load = asyncio.gather(*(client_loop(until) for _ in range(8)))
+        await asyncio.sleep(1.0)
+        replicated.procs["w1"].send_signal(signal.SIGTERM)
+        await load
+
+    asyncio.run(main())
+    assert replicated.procs["w1"].wait(timeout=30) == 0  # drained and exited cleanly
+    failed = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) >= 40 and failed == [], failed[:3]
