@@ -131,6 +131,9 @@ class MasterConfig(_Frozen):
     # together, up to this many tokens per batch; extra wait for more calls (0: none).
     max_batch_tokens: int = Field(8192, gt=0)
     batch_delay_us: int = Field(0, ge=0, le=1_000_000)
+    # Tokens accepted but not yet answered; beyond it, Infer gets RESOURCE_EXHAUSTED
+    # (bounded memory under overload).
+    max_pending_tokens: int = Field(262144, gt=0)
     # Host shared memory (CPU) or CUDA IPC (master.device CUDA) region through which
     # workers on the master's host exchange tensors; gRPC then carries only offsets.
     # 0 turns the fast path off; workers elsewhere always use gRPC bytes.

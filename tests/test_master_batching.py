@@ -93,3 +93,17 @@ def test_batches_stay_within_max_batch_tokens(cluster_factory: Any) -> None:
     assert total(samples, f"{name}_sum") == 8
     # 32-token calls under a 64-token budget: every pass holds at most two of them.
     assert total(samples, f"{name}_bucket", le="2.0") == total(samples, f"{name}_count")
+
+
+def test_overload_beyond_max_pending_tokens_is_refused_then_service_recovers(
+    cluster_factory: Any,
+) -> None:
+    cluster = cluster_factory(world(master={"batch_delay_us": WINDOW_US, "max_pending_tokens": 64}))
+    results = asyncio.run(_together(cluster.address, [_x(32, i) for i in range(8)]))
+    refused = [r for r in results if isinstance(r, MoEServeError)]
+    served = [r for r in results if isinstance(r, torch.Tensor)]
+    assert len(served) >= 2 and len(refused) >= 1  # 64 tokens admitted at a time: 2 calls
+    assert all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert "master.max_pending_tokens=64" in refused[0].message
+    with MoEClient(cluster.address) as client:  # nothing pending any more: served again
+        assert client.infer(_x(32, 99)).shape == (32, 64)
