@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from moe_serve.auth import load_token
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import combine, dispatch
@@ -269,7 +270,8 @@ def concurrency_sweep(
 
     async def run(n: int) -> float:
         x = torch.randn(1, hidden).to(device)  # host RNG, as for the T sweep's inputs
-        conns = [AsyncMoEClient(address) for _ in range(n)]
+        token = load_token(cfg.security) if cfg is not None else None
+        conns = [AsyncMoEClient(address, token=token) for _ in range(n)]
         done = 0
 
         async def one(c: AsyncMoEClient) -> None:
@@ -380,7 +382,7 @@ def run(
         cluster = LocalCluster(config_path, cfg, log=log, verbose=False)
         try:
             cluster.start()
-            with MoEClient(cluster.master_address) as client:
+            with MoEClient(cluster.master_address, token=load_token(cfg.security)) as client:
                 for T, x in xs.items():
                     client.infer(x, layer=layer)  # warm up before the metrics snapshot
                     before = server_seconds(cfg)

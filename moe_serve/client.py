@@ -18,6 +18,7 @@ from typing import Any, Self
 import grpc
 import torch
 
+from moe_serve.auth import metadata
 from moe_serve.errors import MoEError
 from moe_serve.rpc import message_options, unary_call
 from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
@@ -248,8 +249,10 @@ class MoEClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
+        token: str | None = None,
     ) -> None:
         self.timeout = timeout
+        self._md = metadata(token)
         self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
@@ -271,7 +274,7 @@ class MoEClient:
             if lease is not None:
                 clean = False
                 try:
-                    reply = self._infer(lease.request, timeout=timeout)
+                    reply = self._infer(lease.request, timeout=timeout, metadata=self._md)
                     clean = True
                     return _result(reply, x, return_routing, lease.output)
                 except grpc.RpcError as exc:
@@ -282,7 +285,9 @@ class MoEClient:
                 finally:
                     self._shared.end(lease, clean)
         try:
-            reply = self._infer(_request(flat, layer, return_routing), timeout=timeout)
+            reply = self._infer(
+                _request(flat, layer, return_routing), timeout=timeout, metadata=self._md
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)
@@ -291,14 +296,20 @@ class MoEClient:
         offer = self._shared.offer(flat, self.info(timeout).dtype)
         if offer is not None:
             try:
-                self._shared.attached(self._stub.AttachRegion(offer, timeout=timeout))
+                self._shared.attached(
+                    self._stub.AttachRegion(offer, timeout=timeout, metadata=self._md)
+                )
             except grpc.RpcError as exc:
                 raise _error(exc) from None
 
     def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
         try:
-            return _info(self._stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout))
+            return _info(
+                self._stub.GetInfo(
+                    pb.GetInfoRequest(), timeout=timeout or self.timeout, metadata=self._md
+                )
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
 
@@ -325,8 +336,10 @@ class AsyncMoEClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
+        token: str | None = None,
     ) -> None:
         self.timeout = timeout
+        self._md = metadata(token)
         self._channel = grpc.aio.insecure_channel(
             address, options=message_options(max_message_bytes)
         )
@@ -352,7 +365,7 @@ class AsyncMoEClient:
             if lease is not None:
                 clean = False
                 try:
-                    reply = await self._infer(lease.request, timeout=timeout)
+                    reply = await self._infer(lease.request, timeout=timeout, metadata=self._md)
                     clean = True
                     return _result(reply, x, return_routing, lease.output)
                 except grpc.aio.AioRpcError as exc:
@@ -363,7 +376,9 @@ class AsyncMoEClient:
                 finally:
                     self._shared.end(lease, clean)
         try:
-            reply = await self._infer(_request(flat, layer, return_routing), timeout=timeout)
+            reply = await self._infer(
+                _request(flat, layer, return_routing), timeout=timeout, metadata=self._md
+            )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return _result(reply, x, return_routing)
@@ -372,14 +387,18 @@ class AsyncMoEClient:
         offer = self._shared.offer(flat, (await self.info(timeout)).dtype)
         if offer is not None:
             try:
-                self._shared.attached(await self._stub.AttachRegion(offer, timeout=timeout))
+                self._shared.attached(
+                    await self._stub.AttachRegion(offer, timeout=timeout, metadata=self._md)
+                )
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc) from None
 
     async def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
         try:
-            reply = await self._stub.GetInfo(pb.GetInfoRequest(), timeout=timeout or self.timeout)
+            reply = await self._stub.GetInfo(
+                pb.GetInfoRequest(), timeout=timeout or self.timeout, metadata=self._md
+            )
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
         return _info(reply)

@@ -164,6 +164,20 @@ def _check_device_syntax(v: str) -> str:
     return v
 
 
+class SecurityConfig(_Frozen):
+    """Where the shared bearer token comes from; never the token itself."""
+
+    # Name of an environment variable that holds the token, or a file that does.
+    token_env: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecurityConfig:
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("token_env: set token_env or token_file, not both")
+        return self
+
+
 class WorkerConfig(_Frozen):
     """One expert worker: its address, devices and experts (all layers, or per layer)."""
 
@@ -220,6 +234,7 @@ class WorldConfig(_Frozen):
     routing: RoutingConfig = RoutingConfig()
     master: MasterConfig = MasterConfig()
     batching: BatchingConfig = BatchingConfig()
+    security: SecurityConfig = SecurityConfig()
     workers: tuple[WorkerConfig, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

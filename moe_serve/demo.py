@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from moe_serve.auth import load_token
 from moe_serve.client import MoEClient
 from moe_serve.config import load_config
 from moe_serve.launcher import LocalCluster
@@ -104,7 +105,7 @@ def _exercise(address: str, cfg, devices: str, requests: int) -> int:
     m = cfg.model
     reference = ReferenceMoE(m, cfg.routing, device=cfg.master.device)
     g = torch.Generator().manual_seed(1234)
-    with MoEClient(address) as client:
+    with MoEClient(address, token=load_token(cfg.security)) as client:
         # 1) Parity with the in-process reference, every layer, several batch sizes.
         worst = 0.0
         for layer in m.moe_layers:

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from moe_serve.auth import TokenCheck
 from moe_serve.errors import ConfigError, MoEError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import parse
@@ -143,15 +144,18 @@ async def serve_service(
     max_message_bytes: int,
     field: str,
     serving: bool = True,
+    token: str | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
 
     `field` names the config key of the address for the error when it cannot be bound.
     Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
+    With `token`, every call but health and reflection must carry it (auth.TokenCheck).
     """
     # so_reuseport off: a second process on a taken port must fail, not share the port.
     options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    interceptors = [] if token is None else [TokenCheck(token)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     server.add_generic_rpc_handlers((_generic_handler(service_name, servicer),))
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

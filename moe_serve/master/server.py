@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from moe_serve.auth import load_token
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
@@ -20,8 +21,9 @@ SHUTDOWN_GRACE_S = 10.0
 async def serve(cfg: WorldConfig) -> None:
     """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop."""
     torch.set_grad_enabled(False)
+    token = load_token(cfg.security)
     metrics = MasterMetrics()
-    pool = WorkerPool(cfg, metrics)
+    pool = WorkerPool(cfg, metrics, token)
     service = MasterService(cfg, pool, metrics)
     keep_large_allocations()  # after loading: its temporaries go back to the OS
     service.batcher.start()
@@ -32,6 +34,7 @@ async def serve(cfg: WorldConfig) -> None:
         cfg.master.max_message_bytes,
         field="master.listen",
         serving=False,
+        token=token,
     )
     # Ready (SERVING) while every expert has a replica on a worker that answers its checks.
     pool.start_watch(
@@ -55,4 +58,5 @@ async def serve(cfg: WorldConfig) -> None:
 def main(cfg: WorldConfig) -> None:
     """Entry point of `moe-serve master`."""
     check_devices_exist((cfg.master.device,), "master.device")
+    load_token(cfg.security)  # an unset token variable is a ConfigError before anything starts
     run(serve(cfg))

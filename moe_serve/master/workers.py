@@ -16,6 +16,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_serve.auth import metadata
 from moe_serve.config import WorldConfig
 from moe_serve.dispatch import WorkerSlice
 from moe_serve.errors import (
@@ -48,7 +49,7 @@ _CHANNEL_OPTIONS = [
 class WorkerPool:
     """Channels to every worker of the config, created once, and their last known health."""
 
-    def __init__(self, cfg: WorldConfig, metrics: MasterMetrics) -> None:
+    def __init__(self, cfg: WorldConfig, metrics: MasterMetrics, token: str | None = None) -> None:
         self.workers = cfg.workers
         self.metrics = metrics
         options = message_options(cfg.master.max_message_bytes) + _CHANNEL_OPTIONS
@@ -63,6 +64,7 @@ class WorkerPool:
         self.healthy = [False] * len(cfg.workers)
         self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
         self.call_timeout_s = cfg.master.worker_timeout_s
+        self._metadata = metadata(token)  # the bearer token, on every call but health
         self.region = _open_region(cfg)
         self.attached = [False] * len(cfg.workers)  # has mapped self.region
         self._watch: asyncio.Task[None] | None = None
@@ -155,7 +157,7 @@ class WorkerPool:
         # frozen worker (stopped, connection open) must be given up in time to resend.
         bound = min(timeout_s, self.call_timeout_s)
         try:
-            reply = await self._forward[sl.worker](request, timeout=bound)
+            reply = await self._forward[sl.worker](request, timeout=bound, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._call_error(sl, layer, exc, own_bound=bound < timeout_s) from None
         finally:
@@ -170,7 +172,7 @@ class WorkerPool:
         w = self.workers[index]
         try:
             reply = await self._control[index].AttachRegion(
-                self.region.description(), timeout=HEALTH_INTERVAL_S * 5
+                self.region.description(), timeout=HEALTH_INTERVAL_S * 5, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("worker %s: AttachRegion failed: %s", w.id, exc.details())

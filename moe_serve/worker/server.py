@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from moe_serve.auth import load_token
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
 from moe_serve.rpc import keep_large_allocations, run, serve_service, wait_for_signal
@@ -43,6 +44,7 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         worker.listen_address,
         cfg.master.max_message_bytes,
         field=f"{field}.{'listen' if worker.listen else 'address'}",
+        token=load_token(cfg.security),
     )
     start_exporter(worker.metrics_port, metrics.registry, f"{field}.metrics_port")
     log.info("worker %s: serving on port %d (metrics: %s)", worker.id, port, worker.metrics_port)
@@ -56,4 +58,5 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
 def main(cfg: WorldConfig, worker_id: str) -> None:
     """Entry point of `moe-serve worker`."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
+    load_token(cfg.security)  # an unset token variable too
     run(serve(cfg, worker_id))
