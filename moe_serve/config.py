@@ -134,6 +134,8 @@ class MasterConfig(_Frozen):
     # Tokens accepted but not yet answered; beyond it, Infer gets RESOURCE_EXHAUSTED
     # (bounded memory under overload).
     max_pending_tokens: int = Field(262144, gt=0)
+    # On SIGTERM: NOT_SERVING, then in-flight calls get this long to finish.
+    shutdown_grace_s: float = Field(10.0, ge=0)
     # Host shared memory (CPU) or CUDA IPC (master.device CUDA) region through which
     # workers on the master's host exchange tensors; gRPC then carries only offsets.
     # 0 turns the fast path off; workers elsewhere always use gRPC bytes.
@@ -156,6 +158,10 @@ class BatchingConfig(_Frozen):
     max_batch_tokens: int = Field(16384, gt=0)
     # Replay small batches (<= 64 tokens, <= 256 pairs) from CUDA graphs on CUDA workers.
     cuda_graphs: bool = True
+    # Tokens a worker holds queued or in its running batch; beyond it, RESOURCE_EXHAUSTED.
+    max_queue_tokens: int = Field(262144, gt=0)
+    # On SIGTERM: NOT_SERVING, then in-flight calls get this long to finish.
+    shutdown_grace_s: float = Field(10.0, ge=0)
 
 
 def _check_device_syntax(v: str) -> str:

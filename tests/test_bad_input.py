@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -138,3 +139,29 @@ def test_bad_requests_do_not_disturb_concurrent_good_ones(cluster: Cluster) -> N
     assert len(errors) == 40 and max(errors) <= 1e-5
     assert cluster.proc.poll() is None
     assert all(_alive(pid) for pid in cluster.child_pids())
+
+
+def test_worker_over_max_queue_tokens_answers_resource_exhausted(cluster_factory: Any) -> None:
+    cluster = cluster_factory(world(batching={"max_delay_us": 50_000, "max_queue_tokens": 4}))
+    address = cluster.cfg.worker("w0").address
+
+    def forward(rows: int) -> grpc.StatusCode:
+        request = pb.ForwardRequest(
+            layer=0,
+            hidden=tensor_to_pb(torch.zeros(rows, H)),
+            pair_token=tensor_to_pb(torch.zeros(1, dtype=torch.int32)),
+            pair_expert=tensor_to_pb(torch.zeros(1, dtype=torch.int32)),
+            pair_weight=tensor_to_pb(torch.ones(1)),
+        )
+        with grpc.insecure_channel(address) as channel:
+            try:
+                pb_grpc.ExpertWorkerStub(channel).Forward(request, timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    with ThreadPoolExecutor(4) as pool:  # held together by the 50 ms batching window
+        codes = list(pool.map(forward, [3, 3, 3, 3]))
+    assert grpc.StatusCode.OK in codes
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert forward(3) == grpc.StatusCode.OK  # recovered once the queue drained

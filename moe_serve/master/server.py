@@ -15,8 +15,6 @@ from moe_serve.rpc import keep_large_allocations, run, serve_service, set_servin
 
 log = logging.getLogger("moe_serve.master")
 
-SHUTDOWN_GRACE_S = 10.0
-
 
 async def serve(cfg: WorldConfig) -> None:
     """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop."""
@@ -50,7 +48,7 @@ async def serve(cfg: WorldConfig) -> None:
     await wait_for_signal()
     log.info("master: stopping")
     await health.enter_graceful_shutdown()
-    await server.stop(SHUTDOWN_GRACE_S)
+    await server.stop(cfg.master.shutdown_grace_s)
     await service.batcher.stop()
     await pool.close()
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_serve.config import BatchingConfig
+from moe_serve.errors import RequestTooLargeError
 from moe_serve.metrics import WorkerMetrics
 from moe_serve.worker.engine import WorkerEngine
 
@@ -49,6 +50,7 @@ class DynamicBatcher:
         self._carry: _Call | None = None  # a call that did not fit in the previous batch
         self._task: asyncio.Task[None] | None = None
         self._memory_read = 0.0  # monotonic time the memory gauge was last set
+        self.held_tokens = 0  # queued or in the running batch
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -68,11 +70,25 @@ class DynamicBatcher:
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
     ) -> torch.Tensor:
-        """Queue one validated call; resolve to its partial sums [N, H]."""
+        """Queue one validated call; resolve to its partial sums [N, H].
+
+        RequestTooLargeError (RESOURCE_EXHAUSTED) when the tokens held would exceed
+        batching.max_queue_tokens (a lone call always runs)."""
+        tokens, limit = hidden.shape[0], self.cfg.max_queue_tokens
+        if self.held_tokens > 0 and self.held_tokens + tokens > limit:
+            raise RequestTooLargeError(
+                f"worker is over batching.max_queue_tokens={limit}: {self.held_tokens} "
+                f"tokens held, {tokens} more asked"
+            )
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Call(layer, hidden, pair_token, pair_expert, pair_weight, future))
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return await future
+        self.held_tokens += tokens
+        try:
+            call = _Call(layer, hidden, pair_token, pair_expert, pair_weight, future)
+            self._queue.put_nowait(call)
+            self.metrics.queue_depth.set(self._queue.qsize())
+            return await future
+        finally:
+            self.held_tokens -= tokens
 
     async def _collect(self) -> list[_Call]:
         first = self._carry or await self._queue.get()

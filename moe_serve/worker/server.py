@@ -15,8 +15,6 @@ from moe_serve.worker.service import WorkerService
 
 log = logging.getLogger("moe_serve.worker")
 
-SHUTDOWN_GRACE_S = 10.0
-
 
 def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
     """Check this worker's devices exist here, then load and pin its experts."""
@@ -51,7 +49,7 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
     await wait_for_signal()
     log.info("worker %s: stopping", worker.id)
     await health.enter_graceful_shutdown()
-    await server.stop(SHUTDOWN_GRACE_S)
+    await server.stop(cfg.batching.shutdown_grace_s)
     await batcher.stop()
 
 
