@@ -94,4 +94,5 @@ def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: P
     assert served["server_mean_ms"]["request_seconds"] < served["mean_ms"]
     # The sweep reports the batch sizes the master's and workers' histograms saw.
     assert doc["concurrency_batches"]["2"]["master_batch_requests"] >= 1
-    assert "worker_batch_tokens[w0]" in doc["concurrency_batches"]["2"]
+    # T=1 tokens may all land on one worker in so short a sweep: either one counts.
+    assert any(k.startswith("worker_batch_tokens[") for k in doc["concurrency_batches"]["2"])
