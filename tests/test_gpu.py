@@ -39,7 +39,9 @@ def needs_gpus(n: int) -> None:
 
 def parity(cluster: Cluster, tokens: int, layer: int) -> float:
     ref = ReferenceMoE(cluster.cfg.model, cluster.cfg.routing, device="cuda:0")
-    x = torch.randn(tokens, cluster.cfg.model.hidden_size, device="cuda:0")
+    # Seeded, so that a failing case can be replayed.
+    g = torch.Generator().manual_seed(1000 * layer + tokens)
+    x = torch.randn(tokens, cluster.cfg.model.hidden_size, generator=g).to("cuda:0")
     with MoEClient(cluster.address) as client:
         y = client.infer(x, layer=layer)
     expected, _ = ref.forward(x, layer)
