@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_serve.budget import TokenBudget
 from moe_serve.config import MasterConfig
-from moe_serve.errors import RequestTooLargeError
 from moe_serve.gating import Routing
 from moe_serve.metrics import MasterMetrics
 
@@ -49,7 +49,7 @@ class InferBatcher:
         self._carry: _Call | None = None  # the call that did not fit in the previous batch
         self._task: asyncio.Task[None] | None = None
         self._passes: set[asyncio.Task[None]] = set()
-        self.pending_tokens = 0  # accepted, not yet answered
+        self.budget = TokenBudget(cfg.max_pending_tokens, "master.max_pending_tokens", "master")
         # Batches in flight at once. While they wait on the workers, new calls queue up and
         # form the next batch; with no bound every call would leave alone at once.
         self._slots = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
@@ -72,19 +72,10 @@ class InferBatcher:
 
         RequestTooLargeError (RESOURCE_EXHAUSTED) when the tokens accepted and not yet
         answered would exceed master.max_pending_tokens."""
-        tokens, limit = x.shape[0], self.cfg.max_pending_tokens
-        if self.pending_tokens + tokens > limit and self.pending_tokens > 0:
-            raise RequestTooLargeError(
-                f"master is over master.max_pending_tokens={limit}: {self.pending_tokens} "
-                f"tokens pending, {tokens} more asked; retry later"
-            )
-        future = asyncio.get_running_loop().create_future()
-        self.pending_tokens += tokens
-        try:
+        with self.budget.admit(x.shape[0]):
+            future = asyncio.get_running_loop().create_future()
             self._queue.put_nowait(_Call(layer, x, losses, timeout_s, future))
             return await future
-        finally:
-            self.pending_tokens -= tokens
 
     async def collect(self) -> list[_Call]:
         """The next batch: the first waiting call, then whatever else is queued (and arrives

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_serve.budget import TokenBudget
 from moe_serve.config import BatchingConfig
-from moe_serve.errors import RequestTooLargeError
 from moe_serve.metrics import WorkerMetrics
 from moe_serve.worker.engine import WorkerEngine
 
@@ -50,7 +50,7 @@ class DynamicBatcher:
         self._carry: _Call | None = None  # a call that did not fit in the previous batch
         self._task: asyncio.Task[None] | None = None
         self._memory_read = 0.0  # monotonic time the memory gauge was last set
-        self.held_tokens = 0  # queued or in the running batch
+        self.budget = TokenBudget(cfg.max_queue_tokens, "batching.max_queue_tokens", "worker")
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -74,21 +74,12 @@ class DynamicBatcher:
 
         RequestTooLargeError (RESOURCE_EXHAUSTED) when the tokens held would exceed
         batching.max_queue_tokens (a lone call always runs)."""
-        tokens, limit = hidden.shape[0], self.cfg.max_queue_tokens
-        if self.held_tokens > 0 and self.held_tokens + tokens > limit:
-            raise RequestTooLargeError(
-                f"worker is over batching.max_queue_tokens={limit}: {self.held_tokens} "
-                f"tokens held, {tokens} more asked"
-            )
-        future = asyncio.get_running_loop().create_future()
-        self.held_tokens += tokens
-        try:
+        with self.budget.admit(hidden.shape[0]):
+            future = asyncio.get_running_loop().create_future()
             call = _Call(layer, hidden, pair_token, pair_expert, pair_weight, future)
             self._queue.put_nowait(call)
             self.metrics.queue_depth.set(self._queue.qsize())
             return await future
-        finally:
-            self.held_tokens -= tokens
 
     async def _collect(self) -> list[_Call]:
         first = self._carry or await self._queue.get()
