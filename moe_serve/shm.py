@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import math
 import mmap
 import os
 import re
@@ -208,7 +209,7 @@ class SharedRegion:
 
     def view(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor over the bytes at offset."""
-        nbytes = itemsize(dtype) * _numel(shape)
+        nbytes = itemsize(dtype) * math.prod(shape)
         return self.memory[offset : offset + nbytes].view(dtype).view(shape)
 
     def shared(self, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> pb.SharedTensor:
@@ -221,13 +222,6 @@ class SharedRegion:
             with contextlib.suppress(FileNotFoundError):
                 self._path.unlink()
             self._path = None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class MappedRegion:
@@ -332,7 +326,7 @@ def _checked_view(
     shape = tuple(t.shape)
     if len(shape) != rank or any(d < 0 for d in shape):
         raise InvalidRequestError(f"{field}.shape", f"{list(shape)}; expected rank {rank}")
-    nbytes = itemsize(dtype) * _numel(shape)
+    nbytes = itemsize(dtype) * math.prod(shape)
     if t.offset % ALIGN or t.offset + nbytes > size:
         raise InvalidRequestError(
             f"{field}.offset",

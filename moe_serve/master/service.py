@@ -196,7 +196,8 @@ class MasterService(pb_grpc.MoEMasterServicer):
                 break
             owner = self._owners(layer, x.device, strict=True)
             experts = sorted({e for sl in failed for e in sl.pair_expert.tolist()})
-            lost = [e for e in experts if int(owner[e]) < 0]
+            held = owner.tolist()  # one read back, not one sync per expert
+            lost = [e for e in experts if held[e] < 0]
             if lost:
                 gone = sorted({self.placement.worker_ids[sl.worker] for sl in failed})
                 raise WorkerUnavailableError(
