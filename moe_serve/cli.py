@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--clients", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     b.add_argument("--iters", type=_at_least(2), default=20, help="timed calls per point")
     b.add_argument("--seconds", type=float, default=2.0, help="per concurrency level")
+    h = sub.add_parser("health", help="exit 0 if a server's gRPC health answers SERVING")
+    h.add_argument("--address", help="host:port to check (default: the master of --config)")
+    h.add_argument("--config", type=Path, help="world config whose security.tls to dial with")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
     from moe_serve.planner import add_arguments  # stdlib imports only: cheap
 
     add_arguments(sub.add_parser("placement", help="plan a world config from a checkpoint"))
@@ -84,6 +88,22 @@ def _up(config: Path) -> int:
         return 1
     finally:
         cluster.stop()
+
+
+def _health(address: str | None, config: Path | None, timeout: float) -> int:
+    from moe_serve.config import load_config
+    from moe_serve.launcher import dial_address, is_serving
+    from moe_serve.tls import ClientTLS
+
+    cfg = None if config is None else load_config(config)
+    if address is None:
+        if cfg is None:
+            raise ConfigError("--address: give the address to check, or --config for its master")
+        address = dial_address(cfg.master.listen)
+    tls = None if cfg is None else ClientTLS.from_config(cfg.security.tls)
+    serving = is_serving(address, timeout=timeout, tls=tls)
+    print(f"moe-serve health: {address} is {'SERVING' if serving else 'not serving'}")
+    return 0 if serving else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -121,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.iters,
                 args.seconds,
             )
+        elif args.command == "health":
+            return _health(args.address, args.config, args.timeout)
         elif args.command == "placement":
             from moe_serve.planner import main as placement_main
 

@@ -5,6 +5,8 @@
         y, routing = client.infer(x, layer=0, return_routing=True)
 
 Every failure raises `MoEServeError` with the gRPC status `code` and the server's message.
+A master with TLS on is dialled with `MoEClient(address, tls=ClientTLS(ca="ca.pem"))`
+(plus `cert=`/`key=` under mutual TLS) and, with a bearer token, `token=...`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from moe_serve.auth import metadata
 from moe_serve.errors import MoEError
 from moe_serve.rpc import message_options, unary_call
 from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
+from moe_serve.tls import ClientTLS, aio_channel, channel
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import DTYPE_NAMES, Parsed, itemsize, serialize, tensor_from_pb
@@ -250,10 +253,11 @@ class MoEClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
         token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.timeout = timeout
         self._md = metadata(token)
-        self._channel = grpc.insecure_channel(address, options=message_options(max_message_bytes))
+        self._channel = channel(address, tls, message_options(max_message_bytes))
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._shared = _SharedPath(shared_memory_bytes)
@@ -337,12 +341,11 @@ class AsyncMoEClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
         token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.timeout = timeout
         self._md = metadata(token)
-        self._channel = grpc.aio.insecure_channel(
-            address, options=message_options(max_message_bytes)
-        )
+        self._channel = aio_channel(address, tls, message_options(max_message_bytes))
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._shared = _SharedPath(shared_memory_bytes)

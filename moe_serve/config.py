@@ -170,12 +170,35 @@ def _check_device_syntax(v: str) -> str:
     return v
 
 
+class TLSConfig(_Frozen):
+    """TLS on every gRPC port: PEM files each process reads on its own machine (moe_serve.tls)."""
+
+    # This process's certificate chain and private key: servers present them; under
+    # client_auth the master presents them to its workers too.
+    cert: Path
+    key: Path
+    # CAs that signed the peers' certificates: clients verify servers with it (the system's
+    # roots without one); servers verify client certificates with it under client_auth.
+    ca: Path | None = None
+    # Mutual TLS: servers refuse clients without a certificate signed by `ca`.
+    client_auth: bool = False
+    # Name to expect in the servers' certificates instead of the host of each address.
+    server_name: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TLSConfig:
+        if self.client_auth and self.ca is None:
+            raise ValueError("ca: client_auth needs the CA that signs client certificates")
+        return self
+
+
 class SecurityConfig(_Frozen):
-    """Where the shared bearer token comes from; never the token itself."""
+    """Where the shared bearer token comes from (never the token itself), and TLS."""
 
     # Name of an environment variable that holds the token, or a file that does.
     token_env: str | None = None
     token_file: Path | None = None
+    tls: TLSConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> SecurityConfig:

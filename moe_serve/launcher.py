@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.config import WorldConfig, parse_address
+from moe_serve.tls import ClientTLS, channel
 
 
 class ClusterError(RuntimeError):
@@ -30,11 +31,11 @@ def dial_address(listen_or_address: str) -> str:
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]") else listen_or_address
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    """True if the gRPC health service at `address` answers SERVING."""
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 1.0, tls: ClientTLS | None = None) -> bool:
+    """True if the gRPC health service at `address` answers SERVING (over TLS with `tls`)."""
+    with channel(address, tls) as ch:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            reply = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )
         except grpc.RpcError:
@@ -56,6 +57,7 @@ class LocalCluster:
         self.log = log  # children's stdout/stderr; None: inherit this process's
         self.verbose = verbose
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.tls = ClientTLS.from_config(cfg.security.tls)  # how the health probes dial
 
     def _spawn(self, name: str, threads: int, *args: str) -> None:
         cmd = [sys.executable, "-m", "moe_serve", *args, "--config", str(self.config_path)]
@@ -89,7 +91,7 @@ class LocalCluster:
                 if proc.poll() is not None:
                     raise ClusterError(f"{name} exited with code {proc.returncode} while starting")
             for name, address in list(pending.items()):
-                if is_serving(address, timeout=0.5):
+                if is_serving(address, timeout=0.5, tls=self.tls):
                     self._say(f"{name} is serving at {address}")
                     del pending[name]
             if pending and time.monotonic() > deadline:

@@ -145,12 +145,14 @@ async def serve_service(
     field: str,
     serving: bool = True,
     token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, HealthServicer, int]:
     """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
 
     `field` names the config key of the address for the error when it cannot be bound.
     Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
     With `token`, every call but health and reflection must carry it (auth.TokenCheck).
+    With `credentials` the port speaks TLS only (moe_serve.tls); without, plaintext.
     """
     # so_reuseport off: a second process on a taken port must fail, not share the port.
     options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
@@ -169,7 +171,10 @@ async def serve_service(
         server,
     )
     try:
-        port = server.add_insecure_port(listen)
+        if credentials is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, credentials)
     except RuntimeError as exc:  # grpcio raises when the address cannot be bound
         raise ConfigError(f"{field}: cannot bind {listen!r}: {exc}") from None
     await server.start()

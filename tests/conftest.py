@@ -18,6 +18,7 @@ import yaml
 from moe_serve.config import WorldConfig, parse_config
 from moe_serve.demo import free_ports
 from moe_serve.launcher import is_serving
+from moe_serve.tls import ClientTLS
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -115,7 +116,8 @@ def start_up(config: dict[str, Any], tmp: Path) -> Cluster:
         )
     cluster = Cluster(proc, cfg, cfg.master.listen, log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not is_serving(cluster.address, timeout=0.5):
+    tls = ClientTLS.from_config(cfg.security.tls)
+    while not is_serving(cluster.address, timeout=0.5, tls=tls):
         if proc.poll() is not None or time.monotonic() > deadline:
             stop_up(cluster)
             raise RuntimeError(f"cluster did not start:\n{cluster.log()}")

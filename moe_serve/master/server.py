@@ -12,6 +12,8 @@ from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics, start_exporter
 from moe_serve.rpc import keep_large_allocations, run, serve_service, set_serving, wait_for_signal
+from moe_serve.tls import check as check_tls
+from moe_serve.tls import server_credentials
 
 log = logging.getLogger("moe_serve.master")
 
@@ -33,6 +35,7 @@ async def serve(cfg: WorldConfig) -> None:
         field="master.listen",
         serving=False,
         token=token,
+        credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
     )
     # Ready (SERVING) while every expert has a replica on a worker that answers its checks.
     pool.start_watch(
@@ -57,4 +60,5 @@ def main(cfg: WorldConfig) -> None:
     """Entry point of `moe-serve master`."""
     check_devices_exist((cfg.master.device,), "master.device")
     load_token(cfg.security)  # an unset token variable is a ConfigError before anything starts
+    check_tls(cfg.security.tls)  # so is an unreadable or mismatched certificate file
     run(serve(cfg))

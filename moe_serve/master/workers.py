@@ -28,6 +28,7 @@ from moe_serve.errors import (
 from moe_serve.metrics import MasterMetrics
 from moe_serve.rpc import message_options, unary_call
 from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
+from moe_serve.tls import ClientTLS, aio_channel
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import serialize, tensor_from_pb
@@ -53,8 +54,9 @@ class WorkerPool:
         self.workers = cfg.workers
         self.metrics = metrics
         options = message_options(cfg.master.max_message_bytes) + _CHANNEL_OPTIONS
+        tls = ClientTLS.from_config(cfg.security.tls)
         self._channels = [
-            grpc.aio.insecure_channel(w.address, options=options) for w in cfg.workers
+            aio_channel(w.address, tls, options, field="security.tls") for w in cfg.workers
         ]
         self._forward = [
             unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in self._channels

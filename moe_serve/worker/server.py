@@ -8,6 +8,8 @@ from moe_serve.auth import load_token
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
 from moe_serve.rpc import keep_large_allocations, run, serve_service, wait_for_signal
+from moe_serve.tls import check as check_tls
+from moe_serve.tls import server_credentials
 from moe_serve.weights import open_weights
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
@@ -43,6 +45,7 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         cfg.master.max_message_bytes,
         field=f"{field}.{'listen' if worker.listen else 'address'}",
         token=load_token(cfg.security),
+        credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
     )
     start_exporter(worker.metrics_port, metrics.registry, f"{field}.metrics_port")
     log.info("worker %s: serving on port %d (metrics: %s)", worker.id, port, worker.metrics_port)
@@ -57,4 +60,5 @@ def main(cfg: WorldConfig, worker_id: str) -> None:
     """Entry point of `moe-serve worker`."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
     load_token(cfg.security)  # an unset token variable too
+    check_tls(cfg.security.tls)  # and an unreadable or mismatched certificate file
     run(serve(cfg, worker_id))
