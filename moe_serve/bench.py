@@ -36,6 +36,7 @@ from moe_serve.gating import Gate
 from moe_serve.launcher import LocalCluster
 from moe_serve.placement import Placement
 from moe_serve.rpc import keep_large_allocations
+from moe_serve.tls import ClientTLS
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import open_weights
 from moe_serve.wire import DTYPE_NAMES, parse, serialize, tensor_from_pb
@@ -271,7 +272,8 @@ def concurrency_sweep(
     async def run(n: int) -> float:
         x = torch.randn(1, hidden).to(device)  # host RNG, as for the T sweep's inputs
         token = load_token(cfg.security) if cfg is not None else None
-        conns = [AsyncMoEClient(address, token=token) for _ in range(n)]
+        tls = ClientTLS.from_config(cfg.security.tls) if cfg is not None else None
+        conns = [AsyncMoEClient(address, token=token, tls=tls) for _ in range(n)]
         done = 0
 
         async def one(c: AsyncMoEClient) -> None:
@@ -382,7 +384,11 @@ def run(
         cluster = LocalCluster(config_path, cfg, log=log, verbose=False)
         try:
             cluster.start()
-            with MoEClient(cluster.master_address, token=load_token(cfg.security)) as client:
+            with MoEClient(
+                cluster.master_address,
+                token=load_token(cfg.security),
+                tls=ClientTLS.from_config(cfg.security.tls),
+            ) as client:
                 for T, x in xs.items():
                     client.infer(x, layer=layer)  # warm up before the metrics snapshot
                     before = server_seconds(cfg)
