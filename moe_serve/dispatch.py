@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve.gating import Routing
+from moe_serve.placement import Owners
 
 
 @dataclass(frozen=True)
@@ -26,24 +27,30 @@ class WorkerSlice:
     pair_weight: torch.Tensor  # [P_w] float32
 
 
-def dispatch(routing: Routing, owner: torch.Tensor, num_workers: int) -> list[WorkerSlice]:
-    """Split the kept pairs of `routing` by the worker owning each expert.
+def _owners(owner: Owners | torch.Tensor) -> Owners:
+    return owner if isinstance(owner, Owners) else Owners(owner)
 
-    owner: [E] worker index per expert, on the routing's device.
+
+def dispatch(routing: Routing, owner: Owners | torch.Tensor, num_workers: int) -> list[WorkerSlice]:
+    """Split the kept pairs of `routing` by the worker that computes each.
+
+    owner: the batch's Owners (placement.plan_owners), or an [E] worker index per expert;
+    on the routing's device.
     """
     t, k = routing.kept.nonzero(as_tuple=True)  # [P] kept pairs, token-major
-    return group_pairs(t, routing.expert_ids[t, k], routing.weights[t, k], owner, num_workers)
+    expert = routing.expert_ids[t, k]
+    worker = _owners(owner).of_pairs(t, expert)
+    return group_pairs(t, expert, routing.weights[t, k], worker, num_workers)
 
 
 def group_pairs(
     row: torch.Tensor,  # [P] int64 request rows, token-major
     expert: torch.Tensor,  # [P] int64 global expert ids
     weight: torch.Tensor,  # [P] float
-    owner: torch.Tensor,  # [E] worker index per expert; -1: no worker
+    worker: torch.Tensor,  # [P] worker index per pair; -1: no worker
     num_workers: int,
 ) -> list[WorkerSlice]:
-    """One WorkerSlice per worker that owns some of the pairs (token order kept)."""
-    worker = owner[expert]  # [P]
+    """One WorkerSlice per worker that computes some of the pairs (token order kept)."""
     order = torch.argsort(worker, stable=True)  # grouped by worker, token order kept
     row, expert, worker, weight = row[order], expert[order], worker[order], weight[order]
     # Host sync: the per-worker pair counts decide how many messages go out and their sizes.
@@ -67,12 +74,14 @@ def group_pairs(
     return slices
 
 
-def regroup(sl: WorkerSlice, owner: torch.Tensor, num_workers: int) -> list[WorkerSlice]:
-    """The pairs of a failed slice, split again by a new owner table (failover)."""
-    device = owner.device
-    row = sl.token_index.to(device)[sl.pair_token.to(device).long()]
+def regroup(sl: WorkerSlice, owner: Owners | torch.Tensor, num_workers: int) -> list[WorkerSlice]:
+    """The pairs of a failed slice, split again by new owners (failover)."""
+    owners = _owners(owner)
+    device = owners.expert.device
+    row = sl.token_index.to(device)[sl.pair_token.to(device).long()]  # grouped by token
     expert = sl.pair_expert.to(device).long()
-    return group_pairs(row, expert, sl.pair_weight.to(device), owner, num_workers)
+    worker = owners.of_pairs(row, expert)
+    return group_pairs(row, expert, sl.pair_weight.to(device), worker, num_workers)
 
 
 def combine(

@@ -83,6 +83,12 @@ class MasterMetrics:
             ["worker", "transport"],
             registry=r,
         )
+        self.worker_pairs = Counter(
+            "moe_serve_worker_pairs",
+            "Token-expert pairs computed by each worker for the master (each replica's share)",
+            ["worker"],
+            registry=r,
+        )
         self.failovers = Counter(
             "moe_serve_master_failovers",
             "Worker slices resent to other replicas after their worker was unavailable",

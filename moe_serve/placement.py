@@ -1,13 +1,17 @@
-"""Which workers hold each expert, which one serves it now, and on which device it lives.
+"""Which workers hold each expert, which one serves each (token, expert) pair, and where.
 
-An expert listed on several workers has replicas. For each batch the master sends an
-expert's pairs to its live replica with the least outstanding work (`choose_owners`), so
-load spreads, and a dead worker's experts move to their other replicas.
+An expert listed on several workers has replicas. For each batch the master divides the
+tokens routed to replicated experts among their live replicas so that the outstanding work
+of each replica ends up as even as possible (`plan_owners`, `Owners.of_pairs`): an idle
+replica takes more, a busy one less, and a dead worker's experts move to the others.
+Tokens are divided in contiguous runs, so a token whose experts share a replica set still
+crosses the network once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -40,21 +44,100 @@ class Placement:
         return all(any(live[w] for w in h) for layer in self.holders.values() for h in layer)
 
 
-def choose_owners(
-    holders: tuple[tuple[int, ...], ...], live: list[bool], load: list[int], turn: int
-) -> list[int]:
-    """Per expert, the live holder with the least load (ties: rotate with `turn`, so equal
-    replicas alternate); -1 for an expert with no live holder."""
-    out = []
-    for h in holders:
-        best, best_key = -1, None
-        for i, w in enumerate(h):
-            if live[w]:
-                key = (load[w], (i - turn) % len(h))
-                if best_key is None or key < best_key:
-                    best, best_key = w, key
-        out.append(best)
-    return out
+def water_fill(n: int, loads: tuple[int, ...], turn: int) -> list[int]:
+    """Shares of `n` new units among replicas with `loads` units outstanding, so that the
+    loads afterwards are as even as integers allow: the least loaded are topped up first;
+    units left over after an even split go to equally loaded replicas in an order rotated
+    by `turn` (so single tokens alternate)."""
+    m = len(loads)
+    order = sorted(range(m), key=lambda i: (loads[i], (i - turn) % m))
+    k, total = 1, loads[order[0]]
+    while k < m and (n + total) > loads[order[k]] * k:  # the level still rises above order[k]
+        total += loads[order[k]]
+        k += 1
+    level, extra = divmod(n + total, k)
+    shares = [0] * m
+    for j in range(k):
+        shares[order[j]] = level - loads[order[j]] + (1 if j < extra else 0)
+    return shares
+
+
+@dataclass(frozen=True)
+class ReplicaSplit:
+    """Replicated experts with the same live replicas: their tokens are divided among them."""
+
+    experts: torch.Tensor  # [E] bool: the experts of this split
+    workers: tuple[int, ...]  # the live replicas
+    loads: tuple[int, ...]  # their outstanding tokens when the batch was planned
+    turn: int
+
+
+@dataclass(frozen=True)
+class Owners:
+    """Who computes the pairs of one batch.
+
+    `expert`: [E] worker per expert (for a split expert, its first live replica); -1 for
+    an expert without a live replica. `splits`: experts whose tokens are divided among
+    replicas instead.
+    """
+
+    expert: torch.Tensor
+    splits: tuple[ReplicaSplit, ...] = ()
+
+    def of_pairs(self, row: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """[P] worker of each pair; `row` [P] must hold equal rows next to each other
+        (token-major pairs), so that a token's pairs in one split go to one replica."""
+        worker = self.expert[expert]
+        if not self.splits:
+            return worker
+        masks, ranks, counts = [], [], []
+        for s in self.splits:
+            mask = s.experts.to(expert.device)[expert]
+            rows = row[mask]
+            new = torch.ones_like(rows, dtype=torch.bool)
+            new[1:] = rows[1:] != rows[:-1]  # a new token starts where the row changes
+            masks.append(mask)
+            ranks.append(new.cumsum(0) - 1)  # token rank of each pair within the split
+            counts.append(new.sum())
+        # Host sync: the token counts decide the shares (one read for every split).
+        tokens = torch.stack(counts).tolist()
+        for s, mask, rank, n in zip(self.splits, masks, ranks, tokens, strict=True):
+            if n == 0:
+                continue
+            bounds = torch.tensor(
+                list(accumulate(water_fill(n, s.loads, s.turn))), device=rank.device
+            )
+            workers = torch.tensor(s.workers, dtype=worker.dtype, device=worker.device)
+            worker[mask] = workers[torch.searchsorted(bounds, rank, right=True)]
+        return worker
+
+
+def plan_owners(
+    holders: tuple[tuple[int, ...], ...],
+    live: list[bool],
+    load: list[int],
+    turn: int,
+    device: torch.device,
+    strict: bool = False,
+) -> Owners:
+    """The owners of one batch: an expert with one live holder goes to it; experts with
+    several are grouped by their live replica set and split (`Owners.of_pairs`). An expert
+    without a live holder goes to its first holder (the call then fails or finds it back),
+    or with `strict` gets -1."""
+    expert: list[int] = []
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for e, h in enumerate(holders):
+        up = tuple(w for w in h if live[w])
+        expert.append(up[0] if up else (-1 if strict else h[0]))
+        if len(up) > 1:
+            groups.setdefault(up, []).append(e)
+    splits = []
+    for workers, experts in groups.items():
+        mask = torch.zeros(len(holders), dtype=torch.bool)
+        mask[experts] = True
+        loads = tuple(load[w] for w in workers)
+        splits.append(ReplicaSplit(mask.to(device), workers, loads, turn))
+    return Owners(torch.tensor(expert, dtype=torch.int64, device=device), tuple(splits))
 
 
 def device_assignment(worker: WorkerConfig, layer: int) -> list[list[int]]:

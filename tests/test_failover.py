@@ -105,6 +105,16 @@ def test_replicated_experts_spread_calls_over_both_workers(replicated: Parts) ->
     assert _calls(replicated, "w1") >= 5
 
 
+def test_one_request_is_split_token_by_token_over_idle_replicas(replicated: Parts) -> None:
+    with MoEClient(replicated.cfg.master.listen) as client:
+        client.infer(torch.randn(64, 64))  # 64 tokens x top-2 = 128 pairs, nothing in flight
+    pairs = {
+        w: total(replicated.metrics(), "moe_serve_worker_pairs_total", worker=w)
+        for w in ("w0", "w1")
+    }
+    assert pairs == {"w0": 64.0, "w1": 64.0}  # 32 tokens each, both of a token's pairs together
+
+
 @pytest.mark.parametrize("round_", [1, 2, 3])
 def test_killing_one_replica_under_load_fails_no_request(replicated: Parts, round_: int) -> None:
     ref = ReferenceMoE(replicated.cfg.model, replicated.cfg.routing)

@@ -26,7 +26,7 @@ from moe_serve.gating import Gate, Routing, merge_routings, routing_to, split_ro
 from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
-from moe_serve.placement import Placement, choose_owners
+from moe_serve.placement import Owners, Placement, plan_owners
 from moe_serve.rpc import error_boundary
 from moe_serve.shm import RegionTable, SharedMemoryError
 from moe_serve.v1 import moe_pb2 as pb
@@ -150,19 +150,22 @@ class MasterService(pb_grpc.MoEMasterServicer):
             outs = [b if h else o for b, o, h in zip(back, outs, on_host, strict=True)]
         return list(zip(outs, routings, strict=True))
 
-    def _owners(self, layer: int, device: torch.device, strict: bool = False) -> torch.Tensor:
-        """[E] worker index per expert for this batch: its live replica with the least
-        outstanding tokens. An expert with no live replica goes to its first holder (the
-        call then fails or finds it back), or with `strict` gets -1."""
-        holders = self.placement.holders[layer]
+    def _owners(self, layer: int, device: torch.device, strict: bool = False) -> Owners:
+        """Who computes this batch's pairs: replicated experts' tokens are divided among
+        their live replicas by outstanding tokens (placement.plan_owners). An expert with no
+        live replica goes to its first holder (the call then fails or finds it back), or
+        with `strict` gets -1."""
         if not strict and self._single[layer] and all(self.pool.healthy):
-            return self._static_owner(layer, device)  # nothing to choose
+            return Owners(self._static_owner(layer, device))  # nothing to choose
         self._turn += 1
-        live = self.pool.healthy
-        owners = choose_owners(holders, live, self.pool.outstanding, self._turn)
-        if not strict:
-            owners = [o if o >= 0 else h[0] for o, h in zip(owners, holders, strict=True)]
-        return torch.tensor(owners, dtype=torch.int64, device=device)
+        return plan_owners(
+            self.placement.holders[layer],
+            self.pool.healthy,
+            self.pool.outstanding,
+            self._turn,
+            device,
+            strict,
+        )
 
     def _static_owner(self, layer: int, device: torch.device) -> torch.Tensor:
         key = (layer, device)
@@ -196,7 +199,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
                 break
             owner = self._owners(layer, x.device, strict=True)
             experts = sorted({e for sl in failed for e in sl.pair_expert.tolist()})
-            held = owner.tolist()  # one read back, not one sync per expert
+            held = owner.expert.tolist()  # one read back, not one sync per expert
             lost = [e for e in experts if held[e] < 0]
             if lost:
                 gone = sorted({self.placement.worker_ids[sl.worker] for sl in failed})

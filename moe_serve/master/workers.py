@@ -88,9 +88,11 @@ class WorkerPool:
         tokens = sl.token_index.shape[0]
         self.outstanding[sl.worker] += tokens
         try:
-            return await self._forward_either(layer, x, sl, timeout_s)
+            out = await self._forward_either(layer, x, sl, timeout_s)
         finally:
             self.outstanding[sl.worker] -= tokens
+        self.metrics.worker_pairs.labels(self.workers[sl.worker].id).inc(sl.pair_expert.shape[0])
+        return out
 
     async def _forward_either(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
