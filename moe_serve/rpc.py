@@ -3,7 +3,7 @@
 - `error_boundary`: domain exceptions -> status codes whose message names the field.
 - `serve_service`: a grpc.aio server with the service, health and reflection,
   and a request decoder (zero-copy for tensors) that answers unparsable bytes with
-  INVALID_ARGUMENT (grpcio's default answer would be INTERNAL).
+  INVALID_ARGUMENT (grpcio's default answer would be INTERNAL); `Served.shutdown` drains it.
 - `unary_call`: a client call that sends `wire.serialize` bytes and parses the reply
   with `wire.parse`, so tensors skip protobuf's copies both ways.
 - `keep_large_allocations`: glibc tuning so that message-sized buffers are reused.
@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from moe_serve.auth import TokenCheck
+from moe_serve.auth import OPEN_PREFIXES, TokenCheck
 from moe_serve.errors import ConfigError, MoEError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import parse
@@ -137,6 +137,93 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class Drain(grpc.aio.ServerInterceptor):
+    """Counts calls in flight and, once draining, refuses new ones with UNAVAILABLE.
+
+    gRPC's own `server.stop` refuses new calls with a generic message; while in-flight calls
+    finish, callers should learn why ("draining"), and a master should take the refusal
+    for what it is: this worker is leaving, send the slice to a replica. Health and
+    reflection stay open, so probes see NOT_SERVING instead of an error.
+    """
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if details.method.startswith(OPEN_PREFIXES) or handler is None:
+            return handler
+        if self.draining:
+            return grpc.unary_unary_rpc_method_handler(self._refuse)
+        inner = handler.unary_unary
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.in_flight += 1
+            self._idle.clear()
+            try:
+                return await inner(request, context)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+
+        return grpc.unary_unary_rpc_method_handler(
+            counted,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _refuse(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{self.who} is draining (shutting down): retry on another replica",
+        )
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is in flight, at most `timeout_s`; True if none is left."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running server and what its owner needs to stop it well."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+    drain: Drain
+    full_name: str
+
+    async def shutdown(self, grace_s: float) -> None:
+        """NOT_SERVING, refuse new calls ("draining"), let in-flight ones finish for up to
+        `grace_s`, then stop (cancelling what is left)."""
+        start = asyncio.get_running_loop().time()
+        self.drain.draining = True
+        await self.health.enter_graceful_shutdown()
+        idle = await self.drain.wait_idle(grace_s)
+        if not idle:
+            log.warning(
+                "%s: %d call(s) still in flight after %.1f s; cancelling them",
+                self.drain.who,
+                self.drain.in_flight,
+                grace_s,
+            )
+        left = max(0.0, grace_s - (asyncio.get_running_loop().time() - start))
+        await self.server.stop(left)
+
+
 async def serve_service(
     service_name: str,
     servicer: object,
@@ -146,8 +233,9 @@ async def serve_service(
     serving: bool = True,
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
-) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen` -> (server, health, port).
+    who: str = "server",
+) -> Served:
+    """Serve `service_name` ("MoEMaster"/"ExpertWorker") on `listen`.
 
     `field` names the config key of the address for the error when it cannot be bound.
     Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
@@ -156,7 +244,9 @@ async def serve_service(
     """
     # so_reuseport off: a second process on a taken port must fail, not share the port.
     options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
-    interceptors = [] if token is None else [TokenCheck(token)]
+    drain = Drain(who)
+    # Authentication first: an unauthenticated caller learns nothing, not even "draining".
+    interceptors = [drain] if token is None else [TokenCheck(token), drain]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     server.add_generic_rpc_handlers((_generic_handler(service_name, servicer),))
     health = HealthServicer()
@@ -179,7 +269,7 @@ async def serve_service(
         raise ConfigError(f"{field}: cannot bind {listen!r}: {exc}") from None
     await server.start()
     await set_serving(health, full_name, serving)
-    return server, health, port
+    return Served(server, health, port, drain, full_name)
 
 
 async def set_serving(health: HealthServicer, full_name: str, serving: bool) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +225,34 @@ def test_sigterm_drains_a_worker_under_load_without_failing_a_request(
     assert replicated.procs["w1"].wait(timeout=30) == 0  # drained and exited cleanly
     failed = [o for o in outcomes if o != "ok"]
     assert len(outcomes) >= 40 and failed == [], failed[:3]
+
+
+def test_sigterm_on_the_master_refuses_new_calls_as_draining_and_finishes_in_flight_ones(
+    tmp_path: Path,
+) -> None:
+    parts = Parts(world(workers=[{"experts": ALL}], master={"worker_timeout_s": 20.0}), tmp_path)
+    worker, master = parts.procs["w0"].pid, parts.procs["master"]
+    address = parts.cfg.master.listen
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
+    want = ReferenceMoE(parts.cfg.model, parts.cfg.routing).forward(x, 0)[0]
+    try:
+        with MoEClient(address, timeout=30) as client:
+            client.infer(x)  # connected and warm
+            os.kill(worker, signal.SIGSTOP)  # the next call stays in flight on the master
+            with ThreadPoolExecutor(1) as pool:
+                in_flight = pool.submit(client.infer, x)
+                time.sleep(1.0)
+                master.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                with MoEClient(address, timeout=5) as late, pytest.raises(MoEServeError) as err:
+                    late.infer(x)
+                assert err.value.code == grpc.StatusCode.UNAVAILABLE
+                assert "master is draining" in err.value.message
+                assert not is_serving(address)
+                os.kill(worker, signal.SIGCONT)
+                y = in_flight.result(timeout=20)  # the in-flight call was not cancelled
+        assert (y - want).abs().max().item() <= FP32_TOL
+        assert master.wait(timeout=15) == 0
+    finally:
+        os.kill(worker, signal.SIGCONT)
+        parts.stop()

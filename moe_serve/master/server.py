@@ -27,7 +27,7 @@ async def serve(cfg: WorldConfig) -> None:
     service = MasterService(cfg, pool, metrics)
     keep_large_allocations()  # after loading: its temporaries go back to the OS
     service.batcher.start()
-    server, health, port = await serve_service(
+    served = await serve_service(
         "MoEMaster",
         service,
         cfg.master.listen,
@@ -36,22 +36,23 @@ async def serve(cfg: WorldConfig) -> None:
         serving=False,
         token=token,
         credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
+        who="master",
     )
-    # Ready (SERVING) while every expert has a replica on a worker that answers its checks.
+    # Ready (SERVING) while every expert has a replica on a worker that answers its checks
+    # (once draining, health ignores this and stays NOT_SERVING).
     pool.start_watch(
-        lambda up: set_serving(health, "moe_serve.v1.MoEMaster", service.placement.covered(up))
+        lambda up: set_serving(served.health, served.full_name, service.placement.covered(up))
     )
     start_exporter(cfg.master.metrics_port, metrics.registry, "master.metrics_port")
     log.info(
         "master: serving layers %s on port %d (metrics: %s)",
         list(cfg.model.moe_layers),
-        port,
+        served.port,
         cfg.master.metrics_port,
     )
     await wait_for_signal()
-    log.info("master: stopping")
-    await health.enter_graceful_shutdown()
-    await server.stop(cfg.master.shutdown_grace_s)
+    log.info("master: draining (up to %.1f s), then stopping", cfg.master.shutdown_grace_s)
+    await served.shutdown(cfg.master.shutdown_grace_s)
     await service.batcher.stop()
     await pool.close()
 

@@ -38,7 +38,7 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
     batcher.start()
     worker = engine.worker
     field = f"workers[{cfg.workers.index(worker)}]"
-    server, health, port = await serve_service(
+    served = await serve_service(
         "ExpertWorker",
         WorkerService(engine, batcher),
         worker.listen_address,
@@ -46,13 +46,16 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         field=f"{field}.{'listen' if worker.listen else 'address'}",
         token=load_token(cfg.security),
         credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
+        who=f"worker {worker.id}",
     )
     start_exporter(worker.metrics_port, metrics.registry, f"{field}.metrics_port")
-    log.info("worker %s: serving on port %d (metrics: %s)", worker.id, port, worker.metrics_port)
+    log.info(
+        "worker %s: serving on port %d (metrics: %s)", worker.id, served.port, worker.metrics_port
+    )
     await wait_for_signal()
-    log.info("worker %s: stopping", worker.id)
-    await health.enter_graceful_shutdown()
-    await server.stop(cfg.batching.shutdown_grace_s)
+    grace = cfg.batching.shutdown_grace_s
+    log.info("worker %s: draining (up to %.1f s), then stopping", worker.id, grace)
+    await served.shutdown(grace)
     await batcher.stop()
 
 
