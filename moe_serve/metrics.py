@@ -42,7 +42,8 @@ class MasterMetrics:
         )
         self.request_seconds = Histogram(
             "moe_serve_request_seconds",
-            "Infer latency on the master",
+            "Infer latency on the master, by layer",
+            ["layer"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -78,7 +78,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
             # Unknown layer ids share one label value, so clients cannot mint series.
             layer = str(request.layer) if request.layer in self.gates else "invalid"
             self.metrics.requests.labels(layer, code).inc()
-            self.metrics.request_seconds.observe(time.perf_counter() - start)
+            self.metrics.request_seconds.labels(layer).observe(time.perf_counter() - start)
 
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> bytes:
         layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
