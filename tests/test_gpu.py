@@ -198,3 +198,23 @@ def test_small_batch_cuda_graphs_match_the_eager_forward() -> None:
             graphs(hidden, token, slot, weight), expected, rtol=1e-6, atol=1e-6
         )
     assert graphs.enabled and graphs.captured == 4  # (8,16) twice; the others one each
+
+
+@pytest.mark.parametrize("tokens", [1, 4096])
+def test_replicas_on_a_cuda_master_share_a_batch_and_match_the_reference(
+    cluster_factory: Any, tokens: int
+) -> None:
+    from tests.test_metrics import scrape, total
+
+    needs_gpus(1)
+    config = on_free_ports("seed-000.yaml")
+    for w in config["workers"]:
+        w["devices"], w["experts"] = ["cuda:0"], [0, 1]  # every expert on both workers
+    cluster = cluster_factory(config)
+    assert parity(cluster, tokens, 0) <= 1e-5  # the split is planned on cuda:0
+    pairs = {
+        w: total(scrape(cluster.metrics_url()), "moe_serve_worker_pairs_total", worker=w)
+        for w in ("w0", "w1")
+    }
+    # top-1, nothing else in flight: the tokens split evenly (one token: to one worker).
+    assert sorted(pairs.values()) == ([0.0, 1.0] if tokens == 1 else [2048.0, 2048.0])
