@@ -146,6 +146,9 @@ def aio_channel(
 
 def check(cfg: TLSConfig | None) -> None:
     """Read and check every file `security.tls` names (at process start, before serving)."""
-    if cfg is not None:
-        server_credentials(cfg)
-        ClientTLS.from_config(cfg).credentials("security.tls")  # type: ignore[union-attr]
+    if cfg is None:
+        return
+    server_credentials(cfg)
+    client = ClientTLS.from_config(cfg)
+    assert client is not None  # cfg is set
+    client.credentials("security.tls")
