@@ -240,3 +240,8 @@ def test_a_worker_with_a_bad_certificate_exits_2_naming_the_key(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "security.tls.key" in done.stderr
+
+
+def test_a_client_with_an_unreadable_ca_file_raises_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"tls\.ca: cannot read"):
+        MoEClient("127.0.0.1:1", tls=ClientTLS(ca=tmp_path / "absent.pem"))
