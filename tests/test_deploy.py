@@ -292,6 +292,14 @@ def duration_s(text: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text))
 
 
+def test_compose_file_parses_under_the_compose_specification() -> None:
+    from compose_spec import PyCompose  # the Compose spec's typed parser (PyPI compose-spec)
+
+    # YAML merge keys (`<<:`) are resolved first, as Docker Compose does.
+    parsed = PyCompose.from_json(json.dumps(compose()))
+    assert sorted(parsed.service_names()) == sorted(compose()["services"])
+
+
 def test_compose_runs_a_master_two_workers_prometheus_and_grafana() -> None:
     services = compose()["services"]
     commands = {name: s.get("command", [""])[0] for name, s in services.items()}
