@@ -146,10 +146,16 @@ class Drain(grpc.aio.ServerInterceptor):
     reflection stay open, so probes see NOT_SERVING instead of an error.
     """
 
+    # Once idle, keep refusing until no call has arrived for this long before stopping: calls
+    # already on the wire when the peers learned "draining" would otherwise reach a stopping
+    # server, which cancels calls it accepted but had not started.
+    QUIET_S = 0.2
+
     def __init__(self, who: str) -> None:
         self.who = who
         self.draining = False
         self.in_flight = 0
+        self.last_arrival = 0.0  # loop time of the last call (health and reflection aside)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -161,6 +167,7 @@ class Drain(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if details.method.startswith(OPEN_PREFIXES) or handler is None:
             return handler
+        self.last_arrival = asyncio.get_running_loop().time()
         if self.draining:
             return grpc.unary_unary_rpc_method_handler(self._refuse)
         inner = handler.unary_unary
@@ -188,12 +195,21 @@ class Drain(grpc.aio.ServerInterceptor):
         )
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no call is in flight, at most `timeout_s`; True if none is left."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+        """Wait until no call is in flight and none has arrived for QUIET_S, at most
+        `timeout_s`; True if that was reached."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            try:
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return False
+            quiet_at = self.last_arrival + self.QUIET_S
+            if loop.time() >= quiet_at and self.in_flight == 0:
+                return True
+            if quiet_at >= deadline:
+                return self.in_flight == 0
+            await asyncio.sleep(quiet_at - loop.time())
 
 
 @dataclass(frozen=True)

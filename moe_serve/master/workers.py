@@ -212,11 +212,14 @@ class WorkerPool:
                 f"deadline exceeded waiting for worker {w.id!r} ({w.address}), layer {layer} "
                 f"experts {experts}"
             )
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        # CANCELLED here comes from the worker, not from us (our own cancellations raise
+        # CancelledError): a server cancels calls it accepted but had not started when it
+        # stops. The worker is leaving, and the slice can go to a replica.
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             self._set_health(sl.worker, False)
             return WorkerUnavailableError(
                 f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
-                f"({w.address}) is unavailable: {exc.details()}"
+                f"({w.address}) is unavailable: {exc.code().name}: {exc.details()}"
             )
         if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return RequestTooLargeError(f"worker {w.id!r} is over a limit: {exc.details()}")
