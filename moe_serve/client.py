@@ -29,6 +29,16 @@ from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import DTYPE_NAMES, Parsed, itemsize, serialize, tensor_from_pb
 
+__all__ = [
+    "AsyncMoEClient",
+    "ClientTLS",
+    "MoEClient",
+    "MoEServeError",
+    "RoutingInfo",
+    "ServiceInfo",
+    "WorkerHealth",
+]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
