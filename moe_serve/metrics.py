@@ -107,6 +107,11 @@ class MasterMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.ready = Gauge(
+            "moe_serve_master_ready",
+            "1 while the master's health is SERVING: every expert has a live replica, not draining",
+            registry=r,
+        )
         self.worker_up = Gauge(
             "moe_serve_worker_up",
             "1 if the worker answered its last health check or call",

@@ -256,3 +256,17 @@ def test_sigterm_on_the_master_refuses_new_calls_as_draining_and_finishes_in_fli
     finally:
         os.kill(worker, signal.SIGCONT)
         parts.stop()
+
+
+def test_the_ready_gauge_follows_the_masters_health(tmp_path: Path) -> None:
+    parts = Parts(world(), tmp_path)  # experts 4-7 on w1 only
+    try:
+        assert total(parts.metrics(), "moe_serve_master_ready") == 1.0
+        parts.kill("w1")
+        deadline = time.monotonic() + 5.0
+        while total(parts.metrics(), "moe_serve_master_ready") != 0.0:
+            assert time.monotonic() < deadline, "moe_serve_master_ready still 1 after 5 s"
+            time.sleep(0.1)
+        assert not is_serving(parts.cfg.master.listen)
+    finally:
+        parts.stop()

@@ -38,11 +38,15 @@ async def serve(cfg: WorldConfig) -> None:
         credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
         who="master",
     )
+
     # Ready (SERVING) while every expert has a replica on a worker that answers its checks
     # (once draining, health ignores this and stays NOT_SERVING).
-    pool.start_watch(
-        lambda up: set_serving(served.health, served.full_name, service.placement.covered(up))
-    )
+    async def on_probe(up: list[bool]) -> None:
+        ready = service.placement.covered(up) and not served.drain.draining
+        metrics.ready.set(int(ready))
+        await set_serving(served.health, served.full_name, ready)
+
+    pool.start_watch(on_probe)
     start_exporter(cfg.master.metrics_port, metrics.registry, "master.metrics_port")
     log.info(
         "master: serving layers %s on port %d (metrics: %s)",
@@ -51,6 +55,7 @@ async def serve(cfg: WorldConfig) -> None:
         cfg.master.metrics_port,
     )
     await wait_for_signal()
+    metrics.ready.set(0)
     log.info("master: draining (up to %.1f s), then stopping", cfg.master.shutdown_grace_s)
     await served.shutdown(cfg.master.shutdown_grace_s)
     await service.batcher.stop()
