@@ -6,7 +6,14 @@ in one test process.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 from moe_serve.errors import ConfigError
 
@@ -34,6 +41,7 @@ class MasterMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc., for leak alerts
         self.requests = Counter(
             "moe_serve_requests",
             "Infer requests by layer and status code",
@@ -125,6 +133,7 @@ class WorkerMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc., for leak alerts
         self.batch_tokens = Histogram(
             "moe_serve_worker_batch_tokens",
             "Tokens per merged forward batch",

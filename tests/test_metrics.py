@@ -62,6 +62,12 @@ def test_contract_metric_names_are_exported(cluster: Cluster) -> None:
     assert {n.removesuffix("_count") for n in worker} >= WORKER_NAMES
 
 
+def test_both_processes_export_their_resident_memory(cluster: Cluster) -> None:
+    for url in (cluster.metrics_url(), cluster.metrics_url("w0")):
+        rss = total(scrape(url), "process_resident_memory_bytes")
+        assert 50e6 < rss < 10e9  # a Python process with torch loaded: tens of MB at least
+
+
 def test_token_counters_equal_tokens_sent(cluster: Cluster) -> None:
     before = [scrape(cluster.metrics_url(w)) for w in (None, "w0", "w1")]
     sizes = [1, 17, 100, 256]
