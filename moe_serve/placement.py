@@ -90,15 +90,18 @@ class Owners:
         worker = self.expert[expert]
         if not self.splits:
             return worker
+        # No boolean indexing here: on a GPU each masked select or assignment would be a
+        # device sync; the only one is the read of the token counts below.
+        first = torch.ones_like(row, dtype=torch.bool)
+        first[1:] = row[1:] != row[:-1]  # a new token starts where the row changes
+        token = first.cumsum(0) - 1  # [P] token of each pair, 0..T'-1
         masks, ranks, counts = [], [], []
         for s in self.splits:
-            mask = s.experts.to(expert.device)[expert]
-            rows = row[mask]
-            new = torch.ones_like(rows, dtype=torch.bool)
-            new[1:] = rows[1:] != rows[:-1]  # a new token starts where the row changes
+            mask = s.experts.to(expert.device)[expert]  # [P] pair is in this split
+            in_split = torch.zeros_like(token).scatter_reduce(0, token, mask.long(), "amax")
             masks.append(mask)
-            ranks.append(new.cumsum(0) - 1)  # token rank of each pair within the split
-            counts.append(new.sum())
+            ranks.append((in_split.cumsum(0) - 1)[token])  # token rank within the split
+            counts.append(in_split.sum())
         # Host sync: the token counts decide the shares (one read for every split).
         tokens = torch.stack(counts).tolist()
         for s, mask, rank, n in zip(self.splits, masks, ranks, tokens, strict=True):
@@ -108,7 +111,9 @@ class Owners:
                 list(accumulate(water_fill(n, s.loads, s.turn))), device=rank.device
             )
             workers = torch.tensor(s.workers, dtype=worker.dtype, device=worker.device)
-            worker[mask] = workers[torch.searchsorted(bounds, rank, right=True)]
+            # Pairs outside the split get some valid index too; `where` keeps their worker.
+            picked = workers[torch.searchsorted(bounds, rank.clamp(min=0), right=True)]
+            worker = torch.where(mask, picked, worker)
         return worker
 
 
