@@ -34,6 +34,7 @@ from moe_serve.dispatch import combine, dispatch
 from moe_serve.experts import load_shared, shared_forward
 from moe_serve.gating import Gate
 from moe_serve.launcher import LocalCluster
+from moe_serve.metrics import local_url
 from moe_serve.placement import Placement
 from moe_serve.rpc import keep_large_allocations
 from moe_serve.tls import ClientTLS
@@ -202,13 +203,14 @@ def server_seconds(cfg: WorldConfig) -> dict[str, tuple[float, float]]:
     """(sum, count) of the servers' latency histograms, scraped from their exporters."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    targets = [("master", cfg.master.metrics_port)]
-    targets += [(w.id, w.metrics_port) for w in cfg.workers]
+    # Each exporter binds its process's listen host (or metrics_host): dial that one.
+    targets = [("master", cfg.master.metrics_port, cfg.master.metrics_bind_host)]
+    targets += [(w.id, w.metrics_port, w.metrics_bind_host) for w in cfg.workers]
     out: dict[str, list[float]] = {}
-    for process, port in targets:
+    for process, port, host in targets:
         if port is None:
             continue
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        with urllib.request.urlopen(local_url(host, port), timeout=10) as reply:
             text = reply.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

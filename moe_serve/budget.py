@@ -9,24 +9,25 @@ from moe_serve.errors import RequestTooLargeError
 
 
 class TokenBudget:
-    """Tokens admitted and not yet answered, at most `limit` (the config key `key`).
+    """Units (tokens on the master; max(tokens, pairs) per call on a worker) admitted and not
+    yet answered, at most `limit` (the config key `key`).
 
     A call that would go beyond it is refused with RESOURCE_EXHAUSTED at once, so memory
     stays bounded; a call that finds nothing held always gets in, however large (the
     request-size limits bound that one).
     """
 
-    def __init__(self, limit: int, key: str, holder: str) -> None:
-        self.limit, self.key, self.holder = limit, key, holder
+    def __init__(self, limit: int, key: str, holder: str, unit: str = "tokens") -> None:
+        self.limit, self.key, self.holder, self.unit = limit, key, holder, unit
         self.held = 0
 
     @contextmanager
     def admit(self, tokens: int) -> Iterator[None]:
-        """Hold `tokens` for the duration of the block; RequestTooLargeError if over."""
+        """Hold `tokens` units for the duration of the block; RequestTooLargeError if over."""
         if self.held > 0 and self.held + tokens > self.limit:
             raise RequestTooLargeError(
-                f"{self.holder} is over {self.key}={self.limit}: {self.held} tokens held, "
-                f"{tokens} more asked; retry later"
+                f"{self.holder} is over {self.key}={self.limit}: {self.held} {self.unit} "
+                f"held, {tokens} more asked; retry later"
             )
         self.held += tokens
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,10 +27,26 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def weight_map(directory: Path) -> dict[str, str]:
-    """Tensor key -> file name, from the index file or from the safetensors headers."""
+    """Tensor key -> file name, from the index file or from the safetensors headers.
+
+    The index's file names are hostile until checked (`checked_file_name`): each must be a
+    plain file name inside `directory`.
+    """
     index = directory / INDEX_FILE
     if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            files = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"model.checkpoint: {str(index)!r} is not an index with a 'weight_map' "
+                f"mapping ({type(exc).__name__}: {exc})"
+            ) from None
+        if not isinstance(files, dict):
+            raise CheckpointError(
+                f"model.checkpoint: 'weight_map' of {str(index)!r} is a "
+                f"{type(files).__name__}; expected a mapping of tensor key -> file name"
+            )
+        return {str(key): checked_file_name(directory, index, key, f) for key, f in files.items()}
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"model.checkpoint: no *.safetensors files in {str(directory)!r}")
@@ -38,6 +55,32 @@ def weight_map(directory: Path) -> dict[str, str]:
         with safe_open(f, framework="pt") as handle:
             out.update(dict.fromkeys(handle.keys(), f.name))
     return out
+
+
+def checked_file_name(directory: Path, index: Path, key: str, name: object) -> str:
+    """`name` if it is a plain file name that stays inside `directory`, else CheckpointError
+    naming the index file and the key.
+
+    Refused: separators ('/', '\\'), '.', '..', absolute paths, NUL, empty names; and
+    anything whose normalised path is not a direct child of `directory`. Symbolic links
+    inside the directory are followed as they are (Hugging Face's cache makes every file of
+    a snapshot one): who may write the directory already decides what it serves; the index
+    alone must not reach files outside it.
+    """
+    bad = (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or any(c in name for c in "/\\\0")
+        or Path(name).is_absolute()
+        or Path(os.path.normpath(directory / name)).parent != Path(os.path.normpath(directory))
+    )
+    if bad:
+        raise CheckpointError(
+            f"model.checkpoint: {str(index)!r} weight_map[{key!r}] = {name!r}: expected a "
+            f"plain file name inside {str(directory)!r} (no path separators, no '..', not "
+            "absolute)"
+        )
+    return name
 
 
 class CheckpointReader:

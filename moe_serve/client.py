@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -45,6 +46,11 @@ DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's def
 # Region offered to a master on the same host; made on the first request of at least
 # shm.MIN_SHARED_BYTES (smaller ones gain little, and should not make a client reserve it).
 DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
+# Each client its own TCP connection: the master binds a client's shared region to the
+# connection that attached it, and gRPC would otherwise share one connection among all the
+# clients of a process dialling the same address (their regions then compete for one
+# connection's cap, shm.PER_PEER_REGIONS).
+_OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 class MoEServeError(Exception):
@@ -154,8 +160,11 @@ class _SharedPath:
     """The client's side of shared memory with a master on its host (moe_serve.shm).
 
     The region is made on the first request large enough to gain from it, on that
-    request's device (host shared memory, or CUDA IPC memory of a GPU), and offered to the
+    request's device (a sealed memfd, or CUDA IPC memory of a GPU), and offered to the
     master once; a master elsewhere declines and every call carries bytes.
+
+    A sync MoEClient may be shared by threads: the lock guards the region's allocator and
+    the state (copies into a leased block run outside it, the block being the call's own).
     """
 
     def __init__(self, size: int) -> None:
@@ -163,24 +172,27 @@ class _SharedPath:
         self.region: SharedRegion | None = None
         self.state = "new" if size > 0 else "off"  # "new" | "attached" | "off"
         self.model_dtype: torch.dtype | None = None
+        self._lock = threading.Lock()
 
     def wants(self, flat: torch.Tensor) -> bool:
         return self.state != "off" and flat.numel() * flat.element_size() >= MIN_SHARED_BYTES
 
     def offer(self, flat: torch.Tensor, model_dtype: str) -> pb.AttachRegionRequest | None:
         """The region to offer (made now if needed), or None when this host cannot make one."""
-        self.model_dtype = DTYPE_NAMES[model_dtype]
-        if self.region is None:
-            try:
-                self.region = SharedRegion(self.size, flat.device)
-            except SharedMemoryError as exc:
-                log.info("moe_serve client: no shared memory (%s); sending bytes", exc)
-                self.state = "off"
-                return None
-        return self.region.description()
+        with self._lock:
+            self.model_dtype = DTYPE_NAMES[model_dtype]
+            if self.region is None:
+                try:
+                    self.region = SharedRegion(self.size, flat.device)
+                except SharedMemoryError as exc:
+                    log.info("moe_serve client: no shared memory (%s); sending bytes", exc)
+                    self.state = "off"
+                    return None
+            return self.region.description()
 
     def attached(self, reply: pb.AttachRegionReply) -> None:
-        self.state = "attached" if reply.attached else "off"
+        with self._lock:
+            self.state = "attached" if reply.attached else "off"
         if not reply.attached:
             log.info("moe_serve client: master did not map the region (%s)", reply.reason)
             self.close()
@@ -192,7 +204,8 @@ class _SharedPath:
             return None
         shape = (flat.shape[0], flat.shape[1])
         sizes = (flat.numel() * flat.element_size(), flat.numel() * itemsize(dtype))
-        blocks = r.lease(*sizes)
+        with self._lock:
+            blocks = r.lease(*sizes)
         if blocks is None:
             return None
         r.view(blocks[0], flat.dtype, shape).copy_(flat)
@@ -209,17 +222,22 @@ class _SharedPath:
         return _Lease(request.SerializeToString(), blocks, sizes, output)
 
     def end(self, lease: _Lease, clean: bool) -> None:
-        if self.region is not None:
-            self.region.release(lease.blocks, lease.sizes, clean)
+        with self._lock:
+            if self.region is not None:
+                self.region.release(lease.blocks, lease.sizes, clean)
 
     def lost(self) -> None:
-        """The master no longer has the region mapped (it restarted): offer it again."""
-        self.state = "new"
+        """The master no longer has the region mapped for this connection (it restarted, or
+        the connection is new): offer it again."""
+        with self._lock:
+            if self.state == "attached":
+                self.state = "new"
 
     def close(self) -> None:
-        if self.region is not None:
-            self.region.close()
-            self.region = None
+        with self._lock:
+            if self.region is not None:
+                self.region.close()
+                self.region = None
 
 
 def _info(msg: pb.MasterInfo) -> ServiceInfo:
@@ -267,10 +285,11 @@ class MoEClient:
     ) -> None:
         self.timeout = timeout
         self._md = metadata(token)
-        self._channel = channel(address, tls, message_options(max_message_bytes))
+        self._channel = channel(address, tls, message_options(max_message_bytes) + _OWN_CONNECTION)
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._shared = _SharedPath(shared_memory_bytes)
+        self._attaching = threading.Lock()  # one offer, however many threads are waiting
 
     def infer(
         self,
@@ -282,8 +301,9 @@ class MoEClient:
         """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
         flat, timeout = _flat(x), timeout or self.timeout
         if self._shared.wants(flat):
-            if self._shared.state == "new":
-                self._attach(flat, timeout)
+            with self._attaching:
+                if self._shared.state == "new":
+                    self._attach(flat, timeout)
             lease = self._shared.begin(flat, layer, return_routing)
             if lease is not None:
                 clean = False
@@ -355,7 +375,9 @@ class AsyncMoEClient:
     ) -> None:
         self.timeout = timeout
         self._md = metadata(token)
-        self._channel = aio_channel(address, tls, message_options(max_message_bytes))
+        self._channel = aio_channel(
+            address, tls, message_options(max_message_bytes) + _OWN_CONNECTION
+        )
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._shared = _SharedPath(shared_memory_bytes)

@@ -7,6 +7,7 @@ below the CLI reads YAML or the environment. Validation errors become a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,9 +24,17 @@ Activation = Literal["gelu", "relu", "silu", "tanh"]
 ExpertKind = Literal["mlp", "glu"]
 
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _ACTIVATION_ALIASES = {"swish": "silu"}
 _FIELD_PREFIX = re.compile(r"^([a-z_]+)?(\[\d+\])*: ")
+
+# gRPC's largest message: its length travels as a signed 32-bit integer.
+GRPC_MAX_MESSAGE_BYTES = (1 << 31) - 1
+# What a derived message limit allows beyond the tokens' rows: scalar fields, tensor headers
+# and alignment padding (< 1 KiB), and GetInfo replies, which list every expert of every layer
+# on every worker (60 layers x 256 experts x 2 replicas: ~70 KiB).
+MESSAGE_SLACK_BYTES = 1 << 20
 
 
 class _Frozen(BaseModel):
@@ -38,6 +47,28 @@ def parse_address(address: str) -> tuple[str, int]:
     if m is None or not 0 < int(m["port"]) < 65536:
         raise ValueError(f"expected 'host:port' with port 1..65535, got {address!r}")
     return m["host"], int(m["port"])
+
+
+def bind_host(address: str) -> str:
+    """The host of "host:port" as a socket binds it: "[::1]:50051" -> "::1"."""
+    return parse_address(address)[0].strip("[]")
+
+
+def parse_host(host: str) -> str:
+    """A host name or IP address to bind (IPv6 bare or in brackets: "::1", "[::1]"), returned
+    without brackets; ValueError naming the expected form otherwise."""
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        address = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        if not bracketed and _HOST_NAME.match(host):
+            return host
+    else:
+        if not bracketed or address.version == 6:
+            return host[1:-1] if bracketed else host
+    raise ValueError(
+        f"expected a host name or an IP address (IPv6 as '::1' or '[::1]'), got {host!r}"
+    )
 
 
 class ModelConfig(_Frozen):
@@ -120,10 +151,13 @@ class MasterConfig(_Frozen):
 
     listen: str = "0.0.0.0:50051"
     metrics_port: int | None = Field(9400, ge=1, lt=65536)
+    # Interface of the metrics exporter; None: the host of `listen` (127.0.0.1 stays local).
+    metrics_host: str | None = None
     device: str = "cpu"
     max_request_tokens: int = Field(65536, gt=0)
-    # gRPC message limit for requests and worker replies (gRPC's maximum is 2 GiB - 1).
-    max_message_bytes: int = Field((1 << 31) - 1, gt=0, le=(1 << 31) - 1)
+    # gRPC message limit of every hop; None: derived from the token limit (see
+    # WorldConfig.message_limit), so that no message can be much larger than a full request.
+    max_message_bytes: int | None = Field(None, gt=0, le=GRPC_MAX_MESSAGE_BYTES)
     # Bound on each worker call (within the client's deadline): a worker that has not
     # answered by then is treated as down and its slice goes to a replica.
     worker_timeout_s: float = Field(30.0, gt=0)
@@ -142,6 +176,12 @@ class MasterConfig(_Frozen):
     shared_memory_bytes: int = Field(256 << 20, ge=0)
 
     _listen = field_validator("listen")(lambda v: (parse_address(v), v)[1])
+    _metrics_host = field_validator("metrics_host")(lambda v: v if v is None else parse_host(v))
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where the exporter binds: `metrics_host`, else the host of `listen`."""
+        return self.metrics_host or bind_host(self.listen)
 
     @field_validator("device")
     @classmethod
@@ -193,17 +233,47 @@ class TLSConfig(_Frozen):
 
 
 class SecurityConfig(_Frozen):
-    """Where the shared bearer token comes from (never the token itself), and TLS."""
+    """Where the bearer tokens come from (never the tokens themselves), and TLS.
 
-    # Name of an environment variable that holds the token, or a file that does.
+    Two tokens: the client token guards the master (MoEMaster), the worker token the
+    workers (ExpertWorker); only the master and the workers hold the worker token.
+    """
+
+    # Name of an environment variable that holds the client token, or a file that does.
     token_env: str | None = None
     token_file: Path | None = None
+    # The same for the worker token, which the master sends to its workers.
+    worker_token_env: str | None = None
+    worker_token_file: Path | None = None
     tls: TLSConfig | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> SecurityConfig:
+    def _sources(self) -> SecurityConfig:
         if self.token_env is not None and self.token_file is not None:
             raise ValueError("token_env: set token_env or token_file, not both")
+        if self.worker_token_env is not None and self.worker_token_file is not None:
+            raise ValueError(
+                "worker_token_env: set worker_token_env or worker_token_file, not both"
+            )
+        client = self.token_env is not None or self.token_file is not None
+        worker = self.worker_token_env is not None or self.worker_token_file is not None
+        if client and not worker:
+            # One token for both hops would let any client call ExpertWorker directly
+            # (Forward, AttachRegion), past the master's request and budget limits.
+            raise ValueError(
+                "worker_token_env: a client token is set (token_env/token_file) but no worker "
+                "token; set worker_token_env or worker_token_file to a different secret, held "
+                "only by the master and the workers, so that a client token cannot call the "
+                "workers directly past the master's limits"
+            )
+        same_env = self.token_env is not None and self.token_env == self.worker_token_env
+        same_file = self.token_file is not None and self.token_file == self.worker_token_file
+        if same_env or same_file:
+            key = "worker_token_env" if same_env else "worker_token_file"
+            raise ValueError(
+                f"{key}: names the client token's source; the worker token must be a "
+                "different secret"
+            )
         return self
 
 
@@ -214,6 +284,8 @@ class WorkerConfig(_Frozen):
     address: str
     listen: str | None = None
     metrics_port: int | None = Field(None, ge=1, lt=65536)
+    # Interface of the metrics exporter; None: the host of `listen_address`.
+    metrics_host: str | None = None
     devices: tuple[str, ...] = ("cpu",)
     # A list (same experts on every layer) or {layer: [experts]}; see _experts.
     experts: tuple[int, ...] | Mapping[int, tuple[int, ...]]
@@ -221,6 +293,7 @@ class WorkerConfig(_Frozen):
     _address = field_validator("address", "listen")(
         lambda v: v if v is None else (parse_address(v), v)[1]
     )
+    _metrics_host = field_validator("metrics_host")(lambda v: v if v is None else parse_host(v))
 
     @field_validator("experts", mode="plain")
     @classmethod
@@ -248,6 +321,11 @@ class WorkerConfig(_Frozen):
     def listen_address(self) -> str:
         """Address to bind: `listen`, else every interface on `address`'s port."""
         return self.listen or f"0.0.0.0:{parse_address(self.address)[1]}"
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where the exporter binds: `metrics_host`, else the host of `listen_address`."""
+        return self.metrics_host or bind_host(self.listen_address)
 
     def experts_on(self, layer: int) -> tuple[int, ...]:
         """Expert ids this worker holds on `layer` (may be empty)."""
@@ -298,11 +376,16 @@ class WorldConfig(_Frozen):
                         f"range; expected 0..{n - 1} (model.num_experts={n})"
                     )
         largest = self.master.max_request_tokens * self.model.hidden_size * 4  # float32 input
-        if largest > self.master.max_message_bytes:
+        if largest > self.message_limit("client"):
+            limit = (
+                f"gRPC's largest message ({GRPC_MAX_MESSAGE_BYTES} bytes)"
+                if self.master.max_message_bytes is None
+                else f"master.max_message_bytes={self.master.max_message_bytes}"
+            )
             raise ValueError(
                 f"master.max_request_tokens: {self.master.max_request_tokens} tokens x "
                 f"hidden_size {self.model.hidden_size} x 4 bytes = {largest} bytes exceeds "
-                f"master.max_message_bytes={self.master.max_message_bytes}; lower the token limit"
+                f"{limit}; lower the token limit"
             )
         for layer in self.model.moe_layers:
             placed = {e for w in self.workers for e in w.experts_on(layer)}
@@ -313,6 +396,29 @@ class WorldConfig(_Frozen):
                     f"worker (unplaced on layer {layer}: {missing})"
                 )
         return self
+
+    def message_limit(self, hop: Literal["client", "worker"]) -> int:
+        """gRPC send and receive limit, in bytes, of one hop: "client" for the master's server
+        (Infer requests and their replies), "worker" for the workers' servers and the master's
+        channels to them (a Forward carries a batch of Infer calls: up to
+        max(max_request_tokens, max_batch_tokens) tokens).
+
+        `master.max_message_bytes` when set. Else tokens x row + MESSAGE_SLACK_BYTES, at most
+        gRPC's 2 GiB - 1, where a row is the most one token takes in any request or reply:
+        hidden_size x 4 (a float32 input; outputs are the model dtype, at most 4 bytes) +
+        top_k x (8 + 4) (routing: int64 expert id and float32 weight per pick; a Forward's
+        int32 pair_token, pair_expert and float32 pair_weight take the same 12) +
+        num_experts x 4 (routing: float32 scores). Bytes beyond their tensors are refused by
+        wire.parse anyway; this limit bounds what gRPC buffers before any parse.
+        """
+        if self.master.max_message_bytes is not None:
+            return self.master.max_message_bytes
+        m = self.model
+        tokens = self.master.max_request_tokens
+        if hop == "worker":
+            tokens = max(tokens, self.master.max_batch_tokens)
+        row = m.hidden_size * 4 + m.top_k * (8 + 4) + m.num_experts * 4
+        return min(tokens * row + MESSAGE_SLACK_BYTES, GRPC_MAX_MESSAGE_BYTES)
 
     def worker(self, worker_id: str) -> WorkerConfig:
         """The worker with this id, or ConfigError listing the known ids."""

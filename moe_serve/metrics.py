@@ -173,15 +173,27 @@ class WorkerMetrics:
 
 
 def start_exporter(
-    port: int | None, registry: CollectorRegistry, field: str, host: str = "0.0.0.0"
+    port: int | None, registry: CollectorRegistry, field: str, host: str, host_field: str
 ) -> None:
-    """Serve /metrics on `port` in a background thread; None disables it.
+    """Serve /metrics on `host`:`port` in a background thread; None disables it.
 
-    `field` names the config key of the port for the error when it cannot be bound.
+    `host` is the process's gRPC listen host unless the config widens it: the metrics show
+    per-expert traffic and error codes, so a master on 127.0.0.1 exports on 127.0.0.1 only.
+    `field` and `host_field` name the config keys of the port and the host for the error
+    when they cannot be bound.
     """
     if port is None:
         return
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise ConfigError(f"{field}: cannot serve metrics on port {port}: {exc.strerror}") from None
+        why = exc.strerror or str(exc)  # getaddrinfo's errors (an unknown host) lack strerror
+        raise ConfigError(
+            f"{field}: cannot serve metrics on {host!r} port {port} (host: {host_field}): {why}"
+        ) from None
+
+
+def local_url(host: str, port: int) -> str:
+    """URL of an exporter bound on `host`:`port`, from this machine (wildcards: loopback)."""
+    dial = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://{f'[{dial}]' if ':' in dial else dial}:{port}/metrics"

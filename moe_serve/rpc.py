@@ -1,9 +1,11 @@
 """gRPC plumbing shared by the master and the workers.
 
 - `error_boundary`: domain exceptions -> status codes whose message names the field.
-- `serve_service`: a grpc.aio server with the service, health and reflection,
-  and a request decoder (zero-copy for tensors) that answers unparsable bytes with
-  INVALID_ARGUMENT (grpcio's default answer would be INTERNAL); `Served.shutdown` drains it.
+- `serve_service`: a grpc.aio server with the service, health and reflection, the
+  connection limits of `server_options`, and a request decoder (zero-copy for tensors, its
+  cost bounded whatever the message's size) that answers unparsable or oversized-for-its-
+  tensors bytes with INVALID_ARGUMENT (grpcio's default answer would be INTERNAL);
+  `Served.shutdown` drains it.
 - `unary_call`: a client call that sends `wire.serialize` bytes and parses the reply
   with `wire.parse`, so tensors skip protobuf's copies both ways.
 - `keep_large_allocations`: glibc tuning so that message-sized buffers are reused.
@@ -28,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from moe_serve.auth import OPEN_PREFIXES, TokenCheck
-from moe_serve.errors import ConfigError, MoEError
+from moe_serve.errors import ConfigError, MoEError, WireError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import parse
 
@@ -40,9 +42,9 @@ M = TypeVar("M", bound=Message)
 
 @dataclass(frozen=True)
 class MalformedMessage:
-    """Stands in for a request whose bytes did not parse."""
+    """Stands in for a request whose bytes did not parse; `error` is the status message,
+    naming the field ("request" for the message as a whole)."""
 
-    type_name: str
     error: str
 
 
@@ -54,10 +56,7 @@ def error_boundary(
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         if isinstance(request, MalformedMessage):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: bytes are not a valid {request.type_name} ({request.error})",
-            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             return await method(self, request, context)
         except MoEError as exc:
@@ -72,12 +71,19 @@ def error_boundary(
 
 
 def _lenient(message_type: type[Message]) -> Callable[[bytes], Any]:
+    name = message_type.DESCRIPTOR.full_name
+
+    # grpc.aio calls this on the event loop thread (checked with grpcio 1.85), before the
+    # handler: wire.parse's cost is bounded by construction (wire.MAX_FIELDS), whatever the
+    # message's size, so a hostile message cannot hold the loop that health checks need.
     def decode(data: bytes) -> Any:
         try:
             # Tensor fields come out as views of `data`, not copies (wire.parse).
             return parse(message_type, data)
+        except WireError as exc:  # names the field and the bound
+            return MalformedMessage(str(exc))
         except Exception as exc:  # any parse failure is the caller's fault, not ours
-            return MalformedMessage(message_type.DESCRIPTOR.full_name, type(exc).__name__)
+            return MalformedMessage(f"request: bytes are not a valid {name} ({type(exc).__name__})")
 
     return decode
 
@@ -104,11 +110,12 @@ def unary_call(
     channel: grpc.Channel | grpc.aio.Channel, service: str, method: str, reply_type: type[M]
 ) -> Callable[..., Any]:
     """`channel`'s multicallable for moe_serve.v1.`service`/`method`: it takes the request
-    as serialized bytes and returns the reply parsed by wire.parse."""
+    as serialized bytes and returns the reply parsed by wire.parse as a trusted reply (its
+    routing tensors, nested, go to protobuf; see wire.parse)."""
     return channel.unary_unary(
         f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}",
         request_serializer=None,  # the caller passes wire.serialize's bytes
-        response_deserializer=functools.partial(parse, reply_type),
+        response_deserializer=functools.partial(parse, reply_type, trusted=True),
     )
 
 
@@ -134,6 +141,61 @@ def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+# Connection limits of every moe_serve server (master and workers); docs/operations.md lists
+# them. gRPC's own defaults: unlimited streams, idle and age; pings on a connection without
+# calls accepted once per 2 h.
+#
+# Calls one connection may have open at once. The master's channel to a worker carries a
+# Forward per batch in flight plus a health check a second; a client's, its concurrent Infer
+# calls (the bench sweeps up to 64). Calls beyond it wait in the caller's transport, they do
+# not fail: it caps the handler state one connection can make a server hold.
+MAX_CONCURRENT_STREAMS = 256
+# Keepalive pings a server accepts. The master pings each worker every 10 s, with or without
+# calls (master/workers.py _CHANNEL_OPTIONS, so that a dead worker is noticed within 15 s);
+# under gRPC's defaults a server allows one ping per 5 min, or per 2 h on a connection
+# without calls, and answers the third early one with GOAWAY "too_many_pings". Half the
+# master's interval leaves room for timer jitter; a peer pinging faster than that gets
+# GOAWAY at its third early ping (MAX_PING_STRIKES, gRPC's default), so pings cannot flood.
+MIN_PING_INTERVAL_MS = 5_000
+MAX_PING_STRIKES = 2
+# A connection with no call for this long is closed (GOAWAY; the client reconnects on its
+# next call), freeing what an idle or vanished client holds. The master's channels to its
+# workers never idle: they carry a health check every second.
+MAX_CONNECTION_IDLE_MS = 30 * 60 * 1000
+# Every connection is closed after about this long (gRPC adds up to 10 % jitter), so that
+# long-lived clients reconnect and re-resolve and their per-connection state is renewed.
+# Hours, not seconds: a shared-memory region is bound to the connection that attached it,
+# and a peer reconnecting re-attaches it once (FAILED_PRECONDITION "region ... not mapped",
+# then a re-offer: the existing path), a few milliseconds every few hours.
+MAX_CONNECTION_AGE_MS = 6 * 60 * 60 * 1000
+# Calls in flight on a connection closed by age get this long to finish: 4x the 30 s
+# default of master.worker_timeout_s and of the SDK's timeout.
+MAX_CONNECTION_AGE_GRACE_MS = 2 * 60 * 1000
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Options of every moe_serve server: message limits and the connection limits above."""
+    return [
+        *message_options(max_message_bytes),
+        # A second process on a taken port must fail, not share the port.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+        # gRPC's default counts a finished call against the limit until its server objects
+        # are freed and refuses calls meanwhile (REFUSED_STREAM: UNAVAILABLE at the caller):
+        # 300 concurrent calls on one channel lost some that way. Off, the limit counts the
+        # calls open on the connection, and the caller queues the rest as intended.
+        ("grpc.http.overload_protection", 0),
+        # Without it, a connection with no call in flight counts as idle and any ping more
+        # often than every 2 h is a strike, whatever MIN_PING_INTERVAL_MS says.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+        ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+        ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
     ]
 
 
@@ -258,8 +320,7 @@ async def serve_service(
     With `token`, every call but health and reflection must carry it (auth.TokenCheck).
     With `credentials` the port speaks TLS only (moe_serve.tls); without, plaintext.
     """
-    # so_reuseport off: a second process on a taken port must fail, not share the port.
-    options = [*message_options(max_message_bytes), ("grpc.so_reuseport", 0)]
+    options = server_options(max_message_bytes)
     drain = Drain(who)
     # Authentication first: an unauthenticated caller learns nothing, not even "draining".
     interceptors = [drain] if token is None else [TokenCheck(token), drain]

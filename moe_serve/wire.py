@@ -5,8 +5,10 @@ Two levels:
 - `serialize` / `parse`: a whole message whose top-level `Tensor` fields carry the bulk
   bytes. `serialize` writes each tensor's bytes once, straight into the serialized message
   (CUDA tensors go through a reused pinned buffer first); `parse` returns views of the
-  received bytes, no copy. The protobuf encoding stays standard: any protobuf library
-  reads what `serialize` writes, and `parse` reads what any library writes.
+  received bytes, no copy, at a cost that does not grow with the message (MAX_FIELDS), and
+  refuses requests larger than their tensors (REQUEST_SLACK_BYTES). The protobuf encoding
+  stays standard: any protobuf library reads what `serialize` writes, and `parse` reads
+  what any library writes.
 
 Decoded tensors are read-only views of the message and must not be written to.
 """
@@ -14,11 +16,12 @@ Decoded tensors are read-only views of the message and must not be written to.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import sys
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -145,6 +148,22 @@ def tensor_to_pb(t: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=dtype, shape=list(t.shape), data=data)
 
 
+def _known_dtype(enum: int, field: str) -> torch.dtype:
+    dtype = _FROM_PB.get(enum)
+    if dtype is None:
+        raise WireError(
+            f"{field}.dtype",
+            f"unknown dtype enum {enum}; expected one of "
+            f"{sorted(pb.DType.Name(v) for v in _FROM_PB)}",
+        )
+    return dtype
+
+
+def _check_dims(shape: tuple[int, ...], field: str) -> None:
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}.shape", f"{list(shape)} has a negative dimension")
+
+
 def tensor_from_pb(
     msg: pb.Tensor,
     field: str,
@@ -153,26 +172,21 @@ def tensor_from_pb(
     rank: int | None = None,
 ) -> torch.Tensor:
     """Decode and validate; raise WireError naming `field` and what was expected."""
-    dtype = _FROM_PB.get(msg.dtype)
-    if dtype is None:
-        raise WireError(
-            f"{field}.dtype",
-            f"unknown dtype enum {msg.dtype}; expected one of "
-            f"{sorted(pb.DType.Name(v) for v in _FROM_PB)}",
-        )
+    dtype = _known_dtype(msg.dtype, field)
     if dtypes is not None and dtype not in dtypes:
         raise WireError(
             f"{field}.dtype",
             f"{dtype_name(dtype)} is not accepted; expected one of "
             f"{sorted(dtype_name(d) for d in dtypes)}",
         )
+    # The rank first: a protobuf Tensor (parsed by upb) may hold a million dims, and listing
+    # them (tuple, error message) would cost what the rank check exists to avoid.
+    if len(msg.shape) > MAX_RANK:
+        raise WireError(f"{field}.shape", f"rank {len(msg.shape)} exceeds the maximum {MAX_RANK}")
     shape = tuple(msg.shape)
     if rank is not None and len(shape) != rank:
         raise WireError(f"{field}.shape", f"rank {len(shape)} {list(shape)}; expected rank {rank}")
-    if len(shape) > MAX_RANK:
-        raise WireError(f"{field}.shape", f"rank {len(shape)} exceeds the maximum {MAX_RANK}")
-    if any(d < 0 for d in shape):
-        raise WireError(f"{field}.shape", f"{list(shape)} has a negative dimension")
+    _check_dims(shape, field)
     itemsize = _ITEMSIZE[dtype]
     expected = math.prod(shape) * itemsize  # Python ints: huge shapes cannot overflow
     data = msg.data  # read once: each access of a bytes field may build a new object
@@ -201,6 +215,24 @@ _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _TENSOR = pb.Tensor.DESCRIPTOR
 M = TypeVar("M", bound=Message)
 
+# What one parse may cost, whatever the message's size. grpc.aio runs request deserializers
+# on the event loop thread, and the walk below is Python: when it visited every field, 8 MB
+# of `08 00` (4 Mi one-byte fields) held a master's loop for 11.5 s and took 1 GB, and a
+# packed shape of a million dims took 0.7 s. Now a parse reads at most MAX_FIELDS field keys
+# per message level, MAX_TENSOR_FIELDS per Tensor and MAX_RANK dims per shape, then slices
+# memoryviews: a few hundred varint reads at most (tens of microseconds).
+# Valid messages use far fewer: an InferRequest has 5 fields, a ForwardRequest 7, a Tensor 4
+# (dtype, packed shape, data, padding), or 4 + rank from an encoder that does not pack.
+MAX_FIELDS = 32
+MAX_TENSOR_FIELDS = 16
+# Bytes a request may carry beyond its top-level tensors' declared data (shape x itemsize):
+# field keys and lengths, dtype and shape (< 100 bytes a tensor), serialize's alignment
+# padding (< 2 x ALIGN a tensor), small scalars and SharedTensor references (< 200 bytes).
+# Whatever is not top-level tensor data goes to protobuf's parser (upb, C), which therefore
+# never sees more than this from a request; a request larger than its tensors plus this is
+# refused before any byte is copied (a 1-token request padded to 50 MiB used to return OK).
+REQUEST_SLACK_BYTES = 8192
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -219,13 +251,20 @@ def _read_varint(buf: memoryview, pos: int, field: str) -> tuple[int, int]:
         if b < 0x80:
             return result, i + 1
         shift += 7
-    raise WireError(field, "truncated or overlong varint")
+    raise WireError(field, f"truncated or overlong varint at byte {pos}")
 
 
-def _fields(buf: memoryview, field: str):  # -> Iterator[(number, wire type, value, start, end)]
-    """Walk one message level: value is the int for varints, (begin, end) for bytes."""
-    pos, end = 0, len(buf)
+def _fields(buf: memoryview, field: str, limit: int) -> Iterator[tuple[int, int, Any, int, int]]:
+    """Walk one message level, at most `limit` fields: (number, wire type, value, start, end)
+    where value is the int for varints, (begin, end) for bytes. The walk stops at the first
+    field over the limit, so its cost never depends on how many fields the bytes hold."""
+    pos, end, count = 0, len(buf), 0
     while pos < end:
+        count += 1
+        if count > limit:
+            raise WireError(
+                field, f"more than {limit} fields in one message; expected at most {limit}"
+            )
         start = pos
         key, pos = _read_varint(buf, pos, field)
         number, wire_type = key >> 3, key & 7
@@ -237,9 +276,9 @@ def _fields(buf: memoryview, field: str):  # -> Iterator[(number, wire type, val
         elif wire_type in (_I64, _I32):
             value, pos = None, pos + (8 if wire_type == _I64 else 4)
         else:
-            raise WireError(field, f"unsupported protobuf wire type {wire_type}")
+            raise WireError(field, f"unsupported protobuf wire type {wire_type} at byte {start}")
         if pos > end or number == 0:
-            raise WireError(field, "truncated or malformed protobuf bytes")
+            raise WireError(field, f"truncated or malformed protobuf bytes at byte {start}")
         yield number, wire_type, value, start, pos
 
 
@@ -257,31 +296,57 @@ class RawTensor:
     data: memoryview
 
 
-def _raw_tensor(buf: memoryview, field: str, prior: RawTensor | None) -> RawTensor:
+_TENSOR_FIELDS = "dtype (1), shape (2), data (3), padding (15)"
+_PAD_FIELD = _TENSOR.fields_by_name["padding"].number
+
+
+def _raw_tensor(buf: memoryview, field: str, prior: RawTensor | None, strict: bool) -> RawTensor:
     # A message field given twice merges (protobuf rule): scalars last-wins, repeated appends.
     dtype, shape = (prior.dtype, list(prior.shape)) if prior else (0, [])
     data = prior.data if prior else memoryview(b"")
-    for number, wire_type, value, _, _ in _fields(buf, field):
+    for number, wire_type, value, _, _ in _fields(buf, field, MAX_TENSOR_FIELDS):
         if number == 1 and wire_type == _VARINT:
             dtype = _signed64(value)
         elif number == 2 and wire_type == _LEN:  # packed repeated int64
             packed, pos = buf[value[0] : value[1]], 0
             while pos < len(packed):
+                _check_rank(shape, field)
                 dim, pos = _read_varint(packed, pos, f"{field}.shape")
                 shape.append(_signed64(dim))
         elif number == 2 and wire_type == _VARINT:
+            _check_rank(shape, field)
             shape.append(_signed64(value))
         elif number == 3 and wire_type == _LEN:
             data = buf[value[0] : value[1]]
+        elif number == _PAD_FIELD and wire_type == _LEN:
+            pass  # serialize's alignment padding; the size bound in parse covers its bytes
+        elif strict:
+            raise WireError(
+                field,
+                f"unexpected field number {number} (wire type {wire_type}); "
+                f"a Tensor has {_TENSOR_FIELDS}",
+            )
+        # else: a peer newer than this code; its fields are skipped
     return RawTensor(dtype, tuple(shape), data)
 
 
-def _bulk_fields(cls: type[Message]) -> dict[int, str]:
-    return {
+def _check_rank(shape: list[int], field: str) -> None:
+    """Called before each dim is added, so a shape list never holds more than MAX_RANK dims."""
+    if len(shape) >= MAX_RANK:
+        raise WireError(
+            f"{field}.shape", f"more than {MAX_RANK} dimensions; the maximum rank is {MAX_RANK}"
+        )
+
+
+@functools.cache
+def _layout(cls: type[Message]) -> tuple[dict[int, str], frozenset[int]]:
+    """The top-level Tensor fields of `cls` by number, and all its field numbers."""
+    bulk = {
         f.number: f.name
         for f in cls.DESCRIPTOR.fields
         if f.message_type is _TENSOR and not getattr(f, "is_repeated", False)
     }
+    return bulk, frozenset(f.number for f in cls.DESCRIPTOR.fields)
 
 
 class Parsed(Generic[M]):
@@ -300,32 +365,71 @@ class Parsed(Generic[M]):
         return getattr(object.__getattribute__(self, "message"), name)
 
 
-def parse(cls: type[M], data: bytes) -> Parsed[M]:
+def parse(cls: type[M], data: bytes, *, trusted: bool = False) -> Parsed[M]:
     """Parse `data` as a `cls` message; top-level Tensor fields become zero-copy RawTensors.
 
-    Raises WireError on bytes that are not a valid `cls`."""
-    name = cls.DESCRIPTOR.name
-    bulk = _bulk_fields(cls)
+    Its cost does not grow with the message (see MAX_FIELDS): at most MAX_FIELDS fields a
+    level, MAX_TENSOR_FIELDS a Tensor and MAX_RANK dims a shape are read before a WireError.
+
+    A request (`trusted=False`, what a server receives) must also be no larger than its
+    tensors: unknown field numbers, at the top level or in a top-level Tensor, are refused;
+    an unknown dtype or a negative dim of a top-level tensor is refused here; and the message
+    may exceed its top-level tensors' declared data (shape x itemsize) by at most
+    REQUEST_SLACK_BYTES, which bounds what protobuf's own parser gets. Nested messages
+    (SharedTensor, CudaRegion, ...) are parsed by protobuf within that budget.
+
+    A reply (`trusted=True`: what this process reads back from a peer it dialled, a worker's
+    ForwardResponse or a master's InferResponse) keeps the walk's bounds but skips unknown
+    fields (a newer peer may add some), and hands its non-tensor fields to protobuf whatever
+    their size: an InferResponse's routing tensors are nested, parsed by upb in C, and the
+    channel's message limit caps them.
+
+    Raises WireError naming the field ("request"/"reply" for the message as a whole).
+    """
+    what = "reply" if trusted else "request"
+    name = cls.DESCRIPTOR.full_name
+    bulk, known = _layout(cls)
     buf = memoryview(data).cast("B")
-    rest, tensors = [], {}
-    for number, wire_type, value, start, end in _fields(buf, name):
+    rest: list[memoryview] = []
+    rest_bytes = 0
+    tensors: dict[str, RawTensor] = {}
+    for number, wire_type, value, start, end in _fields(buf, what, MAX_FIELDS):
         field = bulk.get(number)
         if field is not None and wire_type == _LEN:
-            tensors[field] = _raw_tensor(buf[value[0] : value[1]], field, tensors.get(field))
-        else:
+            view = buf[value[0] : value[1]]
+            tensors[field] = _raw_tensor(view, field, tensors.get(field), strict=not trusted)
+        elif number in known:
             rest.append(buf[start:end])
+            rest_bytes += end - start
+        elif not trusted:
+            raise WireError(
+                what,
+                f"unknown field number {number} (wire type {wire_type}); a {name} has fields "
+                f"{sorted(known)}",
+            )
+    if not trusted:
+        declared = 0
+        for field, t in tensors.items():
+            _check_dims(t.shape, field)
+            declared += math.prod(t.shape) * _ITEMSIZE[_known_dtype(t.dtype, field)]
+        if len(buf) > declared + REQUEST_SLACK_BYTES or rest_bytes > REQUEST_SLACK_BYTES:
+            raise WireError(
+                what,
+                f"{len(buf)} bytes, of which {rest_bytes} outside the tensors' data, for "
+                f"tensors declaring {declared} bytes of data; expected at most "
+                f"{REQUEST_SLACK_BYTES} bytes beyond the tensors' data",
+            )
     try:
         # Only the small fields are copied; the tensors' bytes were skipped above.
         message = cls.FromString(b"".join(rest))
     except DecodeError as exc:
-        raise WireError(name, f"bytes are not a valid {name} ({exc})") from None
+        raise WireError(what, f"bytes are not a valid {name} ({exc})") from None
     return Parsed(message, tensors)
 
 
 # Tensor data starts at a multiple of this offset in a serialized message: with the bytes
 # object's own 16-byte alignment, decoded views are aligned as a fresh tensor would be.
 ALIGN = 64
-_PAD_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["padding"].number
 
 
 def _tensor_prefix(number: int, header: bytes, nbytes: int, offset: int) -> bytes:

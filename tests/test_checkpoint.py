@@ -117,6 +117,70 @@ def test_model_key_contradicting_the_checkpoint_is_rejected(tmp_path: Path) -> N
         parse_config(config)
 
 
+# --- index file names are hostile until checked -----------------------------------------------
+
+GATE = "model.layers.0.block_sparse_moe.gate.weight"
+
+
+def _point_gate_at(path: Path, name: object) -> Path:
+    """Rewrite the index so that the gate's tensor lives in file `name`."""
+    index = path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][GATE] = name
+    index.write_text(json.dumps(data))
+    return index
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.safetensors",
+        "../../etc/x",
+        "/etc/passwd",
+        "sub/model-00001-of-00002.safetensors",
+        "..\\outside.safetensors",
+        "..",
+        ".",
+        "",
+        "model.safetensors\x00.txt",
+        7,
+    ],
+)
+def test_an_index_file_name_outside_the_checkpoint_is_refused_naming_index_and_key(
+    tmp_path: Path, name: object
+) -> None:
+    path = write_mixtral(tmp_path / "m", hidden=8, ffn=16, shards=2)
+    # A real safetensors file with the very tensor, where "../" would find it.
+    save_file({GATE: torch.full((E, 8), 7.0)}, tmp_path / "outside.safetensors")
+    index = _point_gate_at(path, name)
+    cfg = parse_config(_world(path))
+    with pytest.raises(ConfigError) as err:
+        CheckpointWeights(cfg.model, cfg.routing).router(0)
+    message = str(err.value)
+    assert str(index) in message and f"weight_map[{GATE!r}]" in message
+    assert "expected a plain file name inside" in message
+
+
+def test_an_index_without_a_weight_map_mapping_names_the_index(tmp_path: Path) -> None:
+    path = write_mixtral(tmp_path / "m", hidden=8, ffn=16, shards=2)
+    index = path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
+    with pytest.raises(ConfigError, match=r"'weight_map' of .*index\.json' is a list"):
+        weight_map(path)
+
+
+def test_shards_linked_from_elsewhere_still_load(tmp_path: Path) -> None:
+    """Hugging Face's cache makes every file of a snapshot a link to a blob outside it."""
+    path = write_mixtral(tmp_path / "m", hidden=8, ffn=16, shards=2)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in path.glob("*.safetensors"):
+        shard.rename(blobs / shard.name)
+        shard.symlink_to(blobs / shard.name)
+    cfg = parse_config(_world(path))
+    assert tuple(CheckpointWeights(cfg.model, cfg.routing).router(0).shape) == (E, 8)
+
+
 def _rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

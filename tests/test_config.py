@@ -12,6 +12,8 @@ import torch
 from pydantic import ValidationError
 
 from moe_serve.config import (
+    GRPC_MAX_MESSAGE_BYTES,
+    MESSAGE_SLACK_BYTES,
     WorldConfig,
     check_devices_exist,
     load_config,
@@ -111,6 +113,93 @@ def test_ipv6_address_with_brackets_parses() -> None:
 
 def test_config_error_maps_to_failed_precondition() -> None:
     assert ConfigError.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --- metrics hosts -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("listen", "host"),
+    [("127.0.0.1:50051", "127.0.0.1"), ("[::1]:50051", "::1"), ("0.0.0.0:1", "0.0.0.0")],
+)
+def test_master_metrics_bind_the_host_of_master_listen(listen: str, host: str) -> None:
+    assert parse_config(world(master={"listen": listen})).master.metrics_bind_host == host
+
+
+@pytest.mark.parametrize(
+    ("fields", "host"),
+    [
+        ({}, "0.0.0.0"),  # no listen: the worker binds every interface, its exporter too
+        ({"listen": "127.0.0.1:50061"}, "127.0.0.1"),
+        ({"listen": "[::1]:50061"}, "::1"),
+        ({"listen": "127.0.0.1:50061", "metrics_host": "0.0.0.0"}, "0.0.0.0"),
+        ({"metrics_host": "[::1]"}, "::1"),
+    ],
+)
+def test_worker_metrics_bind_the_host_of_its_listen_address(
+    fields: dict[str, str], host: str
+) -> None:
+    cfg = parse_config(world(workers=[worker(**fields)]))
+    assert cfg.workers[0].metrics_bind_host == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "10.0.0.11", "metrics.example"])
+def test_master_metrics_host_opens_the_exporter_wider(host: str) -> None:
+    cfg = parse_config(world(master={"listen": "127.0.0.1:50051", "metrics_host": host}))
+    assert cfg.master.metrics_bind_host == host.strip("[]")
+
+
+@pytest.mark.parametrize("host", ["", "a b", "[10.0.0.1]", "host:9400", "-x"])
+def test_a_bad_metrics_host_names_the_key(host: str) -> None:
+    msg = config_error(world(master={"metrics_host": host}, workers=[worker(metrics_host=host)]))
+    assert "master.metrics_host: expected a host name or an IP address" in msg
+    assert "workers[0].metrics_host: expected a host name or an IP address" in msg
+
+
+# --- security ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", [{"token_env": "T"}, {"token_file": "/etc/moe-serve/token"}])
+def test_a_client_token_without_a_worker_token_names_worker_token_env(
+    client: dict[str, str],
+) -> None:
+    msg = config_error(world(security=client))
+    assert "security.worker_token_env: a client token is set" in msg
+    assert "cannot call the workers directly" in msg
+
+
+@pytest.mark.parametrize(
+    ("security", "expected"),
+    [
+        (
+            {"worker_token_env": "W", "worker_token_file": "/w"},
+            "security.worker_token_env: set worker_token_env or worker_token_file, not both",
+        ),
+        (
+            {"token_env": "T", "worker_token_env": "T"},
+            "security.worker_token_env: names the client token's source",
+        ),
+        (
+            {"token_file": "/t", "worker_token_file": "/t"},
+            "security.worker_token_file: names the client token's source",
+        ),
+    ],
+)
+def test_bad_token_sources_name_the_key(security: dict[str, str], expected: str) -> None:
+    assert expected in config_error(world(security=security))
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        {"token_env": "T", "worker_token_env": "W"},
+        {"token_file": "/t", "worker_token_file": "/w"},
+        {"worker_token_env": "W"},  # workers guarded, the master open (e.g. behind a proxy)
+        {},
+    ],
+)
+def test_valid_token_combinations(security: dict[str, str]) -> None:
+    parse_config(world(security=security))
 
 
 # --- placement ---------------------------------------------------------------------------------
@@ -463,3 +552,49 @@ def test_unknown_worker_id_names_the_worker_id_flag() -> None:
     msg = str(info.value)
     assert msg.startswith("--worker-id: 'nope' is not a worker of the config")
     assert "known: w0, w1" in msg
+
+
+# --- message limit -------------------------------------------------------------------------------
+# BASE: hidden 16, top_k 2, 4 experts: a row is 16 x 4 + 2 x (8 + 4) + 4 x 4 = 104 bytes.
+ROW = 104
+
+
+def test_message_limit_derives_from_the_token_limit_when_unset() -> None:
+    cfg = parse_config(world(master={"max_request_tokens": 1000, "max_batch_tokens": 10}))
+    assert cfg.master.max_message_bytes is None
+    assert cfg.message_limit("client") == 1000 * ROW + MESSAGE_SLACK_BYTES
+
+
+def test_worker_message_limit_holds_a_batch_larger_than_one_request() -> None:
+    cfg = parse_config(world(master={"max_request_tokens": 16, "max_batch_tokens": 8192}))
+    assert cfg.message_limit("client") == 16 * ROW + MESSAGE_SLACK_BYTES
+    assert cfg.message_limit("worker") == 8192 * ROW + MESSAGE_SLACK_BYTES
+
+
+def test_default_message_limit_is_far_below_grpcs_maximum() -> None:
+    cfg = parse_config(world())  # 65536 tokens
+    assert cfg.message_limit("client") == 65536 * ROW + MESSAGE_SLACK_BYTES  # 7.9 MiB
+    assert cfg.message_limit("worker") < GRPC_MAX_MESSAGE_BYTES // 100
+
+
+def test_derived_message_limit_is_capped_at_grpcs_maximum() -> None:
+    # The float32 input fits 2 GiB - 1 (65535 x 32768 bytes); with the routing rows it would not.
+    cfg = parse_config(world(model=model(hidden_size=8192), master={"max_request_tokens": 65535}))
+    assert cfg.message_limit("client") == GRPC_MAX_MESSAGE_BYTES
+    assert cfg.message_limit("worker") == GRPC_MAX_MESSAGE_BYTES
+
+
+def test_explicit_max_message_bytes_is_the_limit_of_every_hop() -> None:
+    cfg = parse_config(world(master={"max_message_bytes": 1 << 30}))
+    assert cfg.message_limit("client") == cfg.message_limit("worker") == 1 << 30
+
+
+def test_token_limit_beyond_grpcs_maximum_message_is_rejected() -> None:
+    msg = config_error(world(model=model(hidden_size=16384), master={"max_request_tokens": 32768}))
+    assert "master.max_request_tokens: 32768 tokens x hidden_size 16384 x 4 bytes" in msg
+    assert "exceeds gRPC's largest message (2147483647 bytes)" in msg
+
+
+def test_token_limit_beyond_explicit_max_message_bytes_is_rejected() -> None:
+    msg = config_error(world(master={"max_request_tokens": 1000, "max_message_bytes": 63_999}))
+    assert "16 x 4 bytes = 64000 bytes exceeds master.max_message_bytes=63999" in msg

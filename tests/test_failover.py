@@ -2,19 +2,23 @@
 restarted one gets traffic back, and an expert with no live replica fails promptly.
 
 Master and workers run as separate processes here (not under `moe-serve up`, which stops
-the whole cluster when one child exits), each stopped by pid.
+the whole cluster when one child exits), each stopped by pid; where the process boundary is
+not what is tested (flapping replicas, the accounting of resend rounds, error messages),
+real servers run in-process on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,19 @@ import yaml
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.config import WorldConfig, parse_config
+from moe_serve.dispatch import combine, dispatch
+from moe_serve.errors import DeadlineError, WorkerUnavailableError
 from moe_serve.launcher import is_serving
+from moe_serve.master import workers as master_workers
+from moe_serve.master.service import MasterService
+from moe_serve.master.workers import WorkerPool
+from moe_serve.metrics import MasterMetrics, WorkerMetrics
 from moe_serve.reference import ReferenceMoE
+from moe_serve.rpc import Served, serve_service
+from moe_serve.worker.batcher import DynamicBatcher
+from moe_serve.worker.engine import WorkerEngine
+from moe_serve.worker.server import build_engine
+from moe_serve.worker.service import WorkerService
 from tests.conftest import world
 from tests.test_metrics import scrape, total
 
@@ -174,6 +189,8 @@ def test_expert_without_a_live_replica_fails_promptly_naming_it(tmp_path: Path) 
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert "no live replica for layer 0 experts [" in err.value.message
         assert "w1" in err.value.message
+        address = parts.cfg.worker("w1").address
+        assert address.rsplit(":", 1)[1] not in err.value.message  # its port: logs only
     finally:
         parts.stop()
 
@@ -270,3 +287,277 @@ def test_the_ready_gauge_follows_the_masters_health(tmp_path: Path) -> None:
         assert not is_serving(parts.cfg.master.listen)
     finally:
         parts.stop()
+
+
+# --- In-process servers: flapping replicas, resend accounting, client-facing messages ---
+
+
+# No shared region (bytes on loopback are what these tests need); an explicit message limit.
+IN_PROCESS_MASTER = {"shared_memory_bytes": 0, "max_message_bytes": 64 << 20}
+
+
+@dataclass
+class InProcess:
+    """Workers and a master served on loopback by this test's event loop."""
+
+    cfg: WorldConfig
+    master: MasterService
+    workers: dict[str, WorkerService]
+
+    def failovers(self) -> float:
+        registry = self.master.metrics.registry
+        return registry.get_sample_value("moe_serve_master_failovers_total") or 0.0
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    config: dict[str, Any],
+    worker: Callable[[WorkerEngine, DynamicBatcher], WorkerService] = WorkerService,
+) -> AsyncIterator[InProcess]:
+    """Real worker servers (servicer built by `worker`) and a real master, all on the running
+    loop, health-probed as in a master process."""
+    cfg = parse_config(config)
+    metrics = MasterMetrics()
+    pool = WorkerPool(cfg, metrics)
+    master = MasterService(cfg, pool, metrics)
+    batchers, servers, servicers = [master.batcher], list[Served](), {}
+    try:
+        for w in cfg.workers:
+            engine = build_engine(cfg, w.id)
+            batcher = DynamicBatcher(engine, cfg.batching, WorkerMetrics())
+            batchers.append(batcher)
+            batcher.start()
+            servicers[w.id] = worker(engine, batcher)
+            limit = cfg.master.max_message_bytes
+            servers.append(
+                await serve_service("ExpertWorker", servicers[w.id], w.address, limit, "address")
+            )
+        master.batcher.start()
+        servers.append(
+            await serve_service("MoEMaster", master, cfg.master.listen, limit, "master.listen")
+        )
+        await pool.probe()
+
+        async def ignore(up: list[bool]) -> None:
+            pass
+
+        pool.start_watch(ignore)
+        yield InProcess(cfg, master, servicers)
+    finally:
+        for served in servers:
+            await served.server.stop(0)
+        for b in batchers:
+            await b.stop()
+        await pool.close()
+
+
+PROBE_S = 0.02  # the master's health probe interval in the flapping test
+FLAP_OKS, FLAP_ATTEMPTS = 8, 40  # each client of the flapping test: OK replies, calls at most
+
+
+class FlappingWorker(WorkerService):
+    """A real worker whose Forward answers UNAVAILABLE on every other call, after a little
+    longer than a probe interval: by the next resend round the master sees it up again."""
+
+    def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
+        super().__init__(engine, batcher)
+        self.calls = 0
+
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            await asyncio.sleep(2 * PROBE_S)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "flapping")
+        return await super().Forward(request, context)
+
+
+def test_flapping_replicas_never_answer_ok_with_a_lost_partial_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Frequent probes: a replica marked down by a failed call is up again by the next
+    # round, so passes resend round after round over replicas whose health flaps.
+    monkeypatch.setattr(master_workers, "HEALTH_INTERVAL_S", PROBE_S)
+    config = world(
+        workers=[{"experts": ALL}, {"experts": ALL}, {"experts": ALL}], master=IN_PROCESS_MASTER
+    )
+    xs = [torch.randn(8 + i, 64, generator=torch.Generator().manual_seed(70 + i)) for i in range(6)]
+    outcomes: list[str] = []
+
+    async def main() -> float:
+        async with in_process(config, FlappingWorker) as world_:
+            ref = ReferenceMoE(world_.cfg.model, world_.cfg.routing)
+            expected = [ref.forward(x, 0)[0] for x in xs]
+            async with AsyncMoEClient(world_.cfg.master.listen, timeout=20) as client:
+
+                async def client_loop(x: torch.Tensor, want: torch.Tensor) -> None:
+                    oks = 0
+                    for _ in range(FLAP_ATTEMPTS):  # until FLAP_OKS replies, within bounds
+                        try:
+                            y = await client.infer(x)
+                        except MoEServeError as exc:
+                            outcomes.append(f"{exc.code.name}: {exc.message}")
+                            continue
+                        err = (y - want).abs().max().item()
+                        outcomes.append("ok" if err <= FP32_TOL else f"OK but off by {err}")
+                        oks += 1
+                        if oks == FLAP_OKS:
+                            return
+
+                await asyncio.gather(
+                    *(client_loop(x, e) for x, e in zip(xs, expected, strict=True))
+                )
+            return world_.failovers()
+
+    failovers = asyncio.run(main())
+    wrong = [o for o in outcomes if o.startswith("OK but")]
+    errors = [o for o in outcomes if o != "ok" and not o.startswith("OK but")]
+    assert wrong == [], wrong[:3]  # an OK reply always holds every partial sum
+    assert all(e.startswith("UNAVAILABLE: no live replica for layer 0 experts") for e in errors)
+    assert outcomes.count("ok") == len(xs) * FLAP_OKS  # failures are transient
+    assert failovers >= 10  # resends did happen: 6 clients x 8 calls, half the worker calls fail
+
+
+class FlakyLocalPool(WorkerPool):
+    """The master's pool with each worker call run by a real engine in this process, the
+    calls numbered `fails` answering UNAVAILABLE, and every worker's health flapping back up
+    before the next round (as a probe between rounds would)."""
+
+    def __init__(
+        self, cfg: WorldConfig, engine: WorkerEngine, fails: Callable[[int], bool]
+    ) -> None:
+        super().__init__(cfg, MasterMetrics())
+        self.engine, self.fails, self.calls = engine, fails, 0
+        self.healthy = [True] * len(cfg.workers)
+
+    async def forward(self, layer: int, x: torch.Tensor, sl: Any, timeout_s: float) -> torch.Tensor:
+        self.calls += 1
+        self.healthy = [True] * len(self.healthy)
+        if self.fails(self.calls):
+            raise WorkerUnavailableError(f"worker {sl.worker}: call {self.calls} failed")
+        hidden = x[sl.token_index]
+        return self.engine.forward(layer, hidden, sl.pair_token, sl.pair_expert, sl.pair_weight)
+
+
+def _resend(
+    fails: Callable[[int], bool],
+) -> tuple[Any, torch.Tensor | None, torch.Tensor, int, int]:
+    """Dispatch 16 tokens over 2 replicas and fail over with a FlakyLocalPool: (the outcome,
+    the combined output or None, the reference output, pairs dispatched, calls made)."""
+    config = world(workers=[{"experts": ALL}, {"experts": ALL}], master=IN_PROCESS_MASTER)
+    cfg = parse_config(config)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(5))
+
+    async def main() -> tuple[Any, torch.Tensor | None, int, int]:
+        pool = FlakyLocalPool(cfg, build_engine(cfg, "w0"), fails)
+        service = MasterService(cfg, pool, pool.metrics)
+        slices = dispatch(service.gates[0](x, losses=False), service._owners(0, x.device), 2)
+        results = await asyncio.gather(
+            *(pool.forward(0, x, sl, 5.0) for sl in slices), return_exceptions=True
+        )
+        deadline = asyncio.get_running_loop().time() + 5.0
+        try:
+            done, parts = await service._fail_over(0, x, slices, results, deadline)
+            outcome: Any = done
+            out = combine(16, 64, done, parts, x.device)
+        except WorkerUnavailableError as exc:
+            outcome, out = exc, None
+        finally:
+            await pool.close()
+        return outcome, out, sum(sl.pair_expert.shape[0] for sl in slices), pool.calls
+
+    outcome, out, dispatched, calls = asyncio.run(main())
+    ref = ReferenceMoE(cfg.model, cfg.routing).forward(x, 0)[0]
+    return outcome, out, ref, dispatched, calls
+
+
+def test_a_failing_last_resend_round_is_unavailable_never_ok() -> None:
+    outcome, _, _, _, calls = _resend(fails=lambda n: True)
+    assert isinstance(outcome, WorkerUnavailableError)
+    assert "still unavailable after 2 resend round(s)" in str(outcome)
+    assert "no live replica for layer 0 experts [" in str(outcome)
+    # The 2 first sends, then 2 resend rounds (each failed slice split over <= 2 replicas:
+    # 2-4 calls, then 2-8), and no third round.
+    assert 6 <= calls <= 14
+
+
+def test_resend_rounds_account_for_every_pair_exactly_once() -> None:
+    # The first 3 calls fail: both first sends, then one call of the first resend round.
+    outcome, out, ref, dispatched, calls = _resend(fails=lambda n: n <= 3)
+    assert not isinstance(outcome, BaseException), outcome
+    assert sum(sl.pair_expert.shape[0] for sl in outcome) == dispatched == 32  # 16 tokens x 2
+    assert out is not None and (out - ref).abs().max().item() <= FP32_TOL
+    assert calls >= 5
+
+
+ADDRESS_IN_DETAILS = "ipv4:10.1.2.3:50061"  # what gRPC writes about a peer
+
+
+class FailingWorker(WorkerService):
+    """A real worker whose Forward fails with a code no worker should answer, naming a peer
+    address in its details, as gRPC's transport errors do."""
+
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        await context.abort(grpc.StatusCode.DATA_LOSS, f"stream from {ADDRESS_IN_DETAILS} cut")
+        raise AssertionError("unreachable: abort raises")
+
+
+class SlowWorker(WorkerService):
+    """A real worker that answers Forward after 2 s."""
+
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        await asyncio.sleep(2.0)
+        return await super().Forward(request, context)
+
+
+def _one_call(worker: Callable[..., WorkerService]) -> tuple[MoEServeError, str]:
+    """The error of one Infer through a master whose one worker is built by `worker`, and
+    that worker's address."""
+    config = world(workers=[{"experts": ALL}], master=IN_PROCESS_MASTER)
+
+    async def main() -> MoEServeError:
+        async with (
+            in_process(config, worker) as world_,
+            AsyncMoEClient(world_.cfg.master.listen, timeout=10) as client,
+        ):
+            with pytest.raises(MoEServeError) as err:
+                await client.infer(torch.randn(4, 64))
+            return err.value
+
+    return asyncio.run(main()), parse_config(config).worker("w0").address
+
+
+def _no_address(message: str, cfg_address: str) -> None:
+    assert cfg_address not in message and cfg_address.rsplit(":", 1)[1] not in message
+    assert "10.1.2.3" not in message and "127.0.0.1" not in message
+
+
+def test_a_worker_failure_reaches_the_client_without_worker_addresses() -> None:
+    err, address = _one_call(FailingWorker)
+    assert err.code == grpc.StatusCode.INTERNAL
+    assert err.message.startswith("worker 'w0' failed: DATA_LOSS: stream from <address> cut")
+    _no_address(err.message, address)
+
+
+def test_worker_call_errors_name_the_worker_by_id_and_never_its_address() -> None:
+    config = world(workers=[{"experts": ALL}], master=IN_PROCESS_MASTER)
+    x = torch.randn(2, 64)
+
+    async def main() -> tuple[BaseException, BaseException, str]:
+        async with in_process(config, SlowWorker) as world_:
+            pool, gate = world_.master.pool, world_.master.gates[0]
+            (sl,) = dispatch(gate(x, losses=False), world_.master._owners(0, x.device), 1)
+            with pytest.raises(DeadlineError) as late:  # the caller's deadline passes first
+                await pool.forward(0, x, sl, 0.3)
+            address = world_.cfg.worker("w0").address
+        # Nothing listens there any more: connection refused, and gRPC names the peer.
+        pool = WorkerPool(parse_config(config), MasterMetrics())
+        with pytest.raises(WorkerUnavailableError) as refused:
+            await pool.forward(0, x, sl, 5.0)
+        await pool.close()
+        return late.value, refused.value, address
+
+    late, refused, address = asyncio.run(main())
+    assert str(late).startswith("deadline exceeded waiting for worker 'w0', layer 0 experts [")
+    assert "worker 'w0' is unavailable: UNAVAILABLE:" in str(refused)
+    for exc in (late, refused):
+        _no_address(str(exc), address)

@@ -218,3 +218,103 @@ def test_replicas_on_a_cuda_master_share_a_batch_and_match_the_reference(
     }
     # top-1, nothing else in flight: the tokens split evenly (one token: to one worker).
     assert sorted(pairs.values()) == ([0.0, 1.0] if tokens == 1 else [2048.0, 2048.0])
+
+
+# A CUDA region's owner in its own process (CUDA IPC handles do not open in the process
+# that made them): 1024 floats 0..1023 at ALIGN; once the peer has written, the sum of its
+# 1024 floats at OUT goes to stderr.
+CUDA_OWNER = """
+import os, sys, torch
+from moe_serve.shm import ALIGN, SharedRegion
+OUT = ALIGN + 4096
+r = SharedRegion(4 << 20, torch.device("cuda:0"))
+r.view(ALIGN, torch.float32, (1024,)).copy_(torch.arange(1024.0, device="cuda:0"))
+torch.cuda.synchronize()
+sys.stdout.buffer.write(r.description().SerializeToString())
+sys.stdout.flush()
+os.close(1)
+sys.stdin.buffer.read(1)
+print(float(r.view(OUT, torch.float32, (1024,)).sum()), file=sys.stderr, flush=True)
+"""
+
+
+def _cuda_owner() -> tuple[Any, Any]:
+    import subprocess
+    import sys
+
+    from moe_serve.v1 import moe_pb2 as pb
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", CUDA_OWNER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    offer = pb.AttachRegionRequest.FromString(owner.stdout.read())  # type: ignore[union-attr]
+    return owner, offer
+
+
+def test_cuda_region_round_trip_between_processes() -> None:
+    from moe_serve.shm import ALIGN, MappedRegion
+    from moe_serve.v1 import moe_pb2 as pb
+
+    needs_gpus(1)
+    owner, offer = _cuda_owner()
+    try:
+        mapped = MappedRegion(offer, near=torch.device("cuda:0"))
+        seen = pb.SharedTensor(
+            region=offer.id, offset=ALIGN, dtype=pb.DTYPE_FLOAT32, shape=[1, 1024]
+        )
+        got = mapped.view(seen, "hidden_shared", frozenset({torch.float32}), 2)
+        assert got.device == torch.device("cuda:0")
+        assert torch.equal(got.flatten(), torch.arange(1024.0, device="cuda:0"))
+        out = pb.SharedTensor(
+            region=offer.id, offset=ALIGN + 4096, dtype=pb.DTYPE_FLOAT32, shape=[1, 1024]
+        )
+        mapped.view(out, "output_shared", frozenset({torch.float32}), 2).fill_(2.0)
+        torch.cuda.synchronize()
+        _, err = owner.communicate(b"x", timeout=60)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+    assert err.decode().strip().splitlines()[-1] == "2048.0"
+
+
+@pytest.mark.parametrize(
+    "change", [{"offset": 4 << 20}, {"size": 64 << 20}, {"offset": 2 << 20, "size": 3 << 20}]
+)
+def test_cuda_descriptor_past_its_allocation_is_refused(change: dict[str, int]) -> None:
+    from moe_serve.shm import MappedRegion, RegionTable, SharedMemoryError
+
+    needs_gpus(1)
+    owner, offer = _cuda_owner()
+    try:
+        bad = type(offer)()
+        bad.CopyFrom(offer)
+        if "offset" in change:
+            bad.cuda.offset = change["offset"]
+        if "size" in change:
+            bad.size = change["size"]
+        table = RegionTable()
+        with pytest.raises(SharedMemoryError, match=r"runs past the \d+-byte allocation"):
+            table.attach("ipv4:127.0.0.1:1", bad, near=torch.device("cuda:0"))
+        assert len(table) == 0
+        # This process is alive and the genuine offer still maps.
+        assert MappedRegion(offer, near=torch.device("cuda:0")).size == 4 << 20
+    finally:
+        owner.communicate(b"x", timeout=60)
+
+
+def test_cuda_master_and_workers_on_one_gpu_share_device_memory(cluster_factory: Any) -> None:
+    from tests.test_metrics import scrape, total
+
+    needs_gpus(1)
+    config = on_free_ports("seed-000.yaml")
+    for w in config["workers"]:
+        w["devices"] = ["cuda:0"]
+    cluster = cluster_factory(config)
+    assert parity(cluster, 4096, 0) <= 1e-5  # 4096 x 512 float32 on cuda:0: 8 MiB
+    samples = scrape(cluster.metrics_url())
+    assert total(samples, "moe_serve_master_infer_transport_total", transport="shared") == 1
+    assert total(samples, "moe_serve_worker_calls_total", transport="shared") == 2
+    assert total(samples, "moe_serve_worker_calls_total", transport="bytes") == 0

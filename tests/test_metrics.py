@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
+from shutil import which
 from typing import Any
 
 import pytest
@@ -10,6 +19,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_serve.client import MoEClient, MoEServeError
+from moe_serve.demo import free_ports
 from tests.conftest import Cluster, world
 
 pytestmark = pytest.mark.e2e
@@ -50,7 +60,45 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def cluster(cluster_factory: Any) -> Cluster:
-    return cluster_factory(world(model={"top_k": 2}))
+    """Master and workers listening on 127.0.0.1: every exporter stays on 127.0.0.1."""
+    config = world(model={"top_k": 2})
+    for w in config["workers"]:
+        w["listen"] = w["address"]
+    return cluster_factory(config)
+
+
+@pytest.fixture(scope="module")
+def opened(cluster_factory: Any) -> Cluster:
+    """metrics_host 0.0.0.0 on the master and w1; w0 listens on [::1] (its exporter too)."""
+    config = world()
+    config["master"]["metrics_host"] = "0.0.0.0"
+    w0, w1 = config["workers"]
+    w0["address"] = w0["listen"] = w0["address"].replace("127.0.0.1", "[::1]")
+    w1["listen"], w1["metrics_host"] = w1["address"], "0.0.0.0"
+    return cluster_factory(config)
+
+
+def other_local_address() -> str:
+    """An address of this machine other than loopback; skip the test without one."""
+    candidates = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.connect(("192.0.2.1", 9))  # UDP connect: picks a route, sends nothing
+        candidates.append(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    for address in candidates:
+        if not ipaddress.ip_address(address).is_loopback:
+            return address
+    pytest.skip("this machine has no non-loopback IPv4 address to connect to")
+
+
+def connects(host: str, port: int) -> bool:
+    """Whether a TCP connection to host:port is accepted (refused: False)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
 
 
 def test_contract_metric_names_are_exported(cluster: Cluster) -> None:
@@ -107,3 +155,76 @@ def test_failed_requests_are_counted_by_code(cluster: Cluster) -> None:
         - total(before, "moe_serve_requests_total", **code)
         == 1
     )
+
+
+# --- where the exporters listen -------------------------------------------------------------
+
+
+def test_exporters_of_processes_on_loopback_refuse_other_addresses(cluster: Cluster) -> None:
+    other = other_local_address()
+    ports = [cluster.cfg.master.metrics_port] + [w.metrics_port for w in cluster.cfg.workers]
+    for port in ports:
+        assert connects("127.0.0.1", port)
+        assert not connects(other, port), f"port {port} answers on {other}"
+
+
+def test_metrics_host_0_0_0_0_opens_the_exporter_to_other_addresses(opened: Cluster) -> None:
+    other = other_local_address()
+    for port in (opened.cfg.master.metrics_port, opened.cfg.worker("w1").metrics_port):
+        samples = scrape(f"http://{other}:{port}/metrics")
+        assert total(samples, "process_resident_memory_bytes") > 0
+
+
+def test_an_ipv6_listen_address_exports_on_that_ipv6_host(opened: Cluster) -> None:
+    port = opened.cfg.worker("w0").metrics_port
+    assert total(scrape(f"http://[::1]:{port}/metrics"), "process_resident_memory_bytes") > 0
+    assert not connects("127.0.0.1", port)
+
+
+def prometheus_query(url: str, query: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?{urllib.parse.urlencode({'query': query})}", timeout=5
+    ) as reply:
+        return json.loads(reply.read())["data"]["result"]
+
+
+@pytest.mark.skipif(which("prometheus") is None, reason="needs the prometheus server binary")
+def test_a_prometheus_server_scrapes_master_and_workers_on_loopback(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    with MoEClient(cluster.address) as client:
+        client.infer(torch.randn(4, 64))
+    targets = [f"127.0.0.1:{cluster.cfg.master.metrics_port}"]
+    targets += [f"127.0.0.1:{w.metrics_port}" for w in cluster.cfg.workers]
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": "moe_serve", "static_configs": [{"targets": targets}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    (port,) = free_ports(1)
+    cmd = [
+        "prometheus",
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, up, tokens = time.monotonic() + 60, [], []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                up = prometheus_query(url, 'up{job="moe_serve"} == 1')
+                tokens = prometheus_query(url, "moe_serve_tokens_total")
+            except OSError:  # not listening yet
+                pass
+            if len(up) == len(targets) and tokens:
+                break
+            time.sleep(0.5)
+        assert sorted(r["metric"]["instance"] for r in up) == sorted(targets)
+        assert float(tokens[0]["value"][1]) >= 4
+    finally:
+        proc.terminate()  # by pid: this test's own child
+        proc.wait(timeout=30)

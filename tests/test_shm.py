@@ -4,7 +4,17 @@ cross-talk between concurrent calls, and bytes whenever the region cannot be use
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import fcntl
+import gc
 import itertools
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,12 +25,13 @@ from moe_serve.errors import InvalidRequestError
 from moe_serve.reference import ReferenceMoE
 from moe_serve.shm import (
     ALIGN,
-    SHM_DIR,
     MappedRegion,
     RegionNotAttachedError,
+    RegionTable,
     SharedMemoryError,
     SharedRegion,
     _Blocks,
+    _wrap,
 )
 from moe_serve.v1 import moe_pb2 as pb
 from tests.conftest import Cluster, world
@@ -30,6 +41,7 @@ FP32_TOL = 1e-5
 CPU = torch.device("cpu")
 F32 = frozenset({torch.float32})
 BIG = 4096  # 4096 x 64 float32 = 1 MiB, and ~3000 rows per worker: over MIN_SHARED_BYTES
+A, B = "ipv4:127.0.0.1:40001", "ipv4:127.0.0.1:40002"  # two connections, as context.peer()
 
 # --------------------------------------------------------------------- allocator ---
 
@@ -56,43 +68,163 @@ def test_full_region_returns_none_and_freed_blocks_merge_back() -> None:
 # ------------------------------------------------------------------ host regions ---
 
 
-def test_worker_maps_the_masters_host_region_and_sees_its_writes() -> None:
-    region = SharedRegion(16 * ALIGN, CPU)
-    try:
-        mapped = MappedRegion(region.description(), near=None)
-        offset = region.alloc(4 * 8 * 4)
-        region.view(offset, torch.float32, (4, 8)).copy_(torch.arange(32.0).view(4, 8))
-        shared = region.shared(offset, torch.float32, (4, 8))
-        assert torch.equal(
-            mapped.view(shared, "hidden_shared", F32, 2), torch.arange(32.0).view(4, 8)
-        )
-    finally:
-        region.close()
-    assert not (SHM_DIR / region.description().host.name).exists()
+@pytest.fixture
+def region() -> Iterator[SharedRegion]:
+    r = SharedRegion(16 * ALIGN, CPU)
+    yield r
+    r.close()
 
 
-def test_mapping_a_name_that_is_not_here_says_another_host() -> None:
-    request = pb.AttachRegionRequest(
-        id="0" * 16, size=4096, host=pb.HostRegion(name="moe_serve-1-" + "0" * 16)
+def _offer(region: SharedRegion, **changes: Any) -> pb.AttachRegionRequest:
+    request = pb.AttachRegionRequest()
+    request.CopyFrom(region.description())
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def _memfd(size: int, mode: int = 0o600, seals: int = 0, nonce: bytes = b"") -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.fchmod(fd, mode)
+    os.ftruncate(fd, size)
+    os.pwrite(fd, nonce, 0)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def _file_offer(fd: int, size: int, nonce: bytes) -> pb.AttachRegionRequest:
+    return pb.AttachRegionRequest(
+        id="f" * 32, size=size, nonce=nonce, host=pb.HostRegion(pid=os.getpid(), fd=fd)
     )
-    with pytest.raises(SharedMemoryError, match="another host"):
+
+
+def test_peer_maps_the_owners_host_region_and_sees_its_writes(region: SharedRegion) -> None:
+    mapped = MappedRegion(region.description(), near=None)
+    offset = region.alloc(4 * 8 * 4)
+    region.view(offset, torch.float32, (4, 8)).copy_(torch.arange(32.0).view(4, 8))
+    shared = region.shared(offset, torch.float32, (4, 8))
+    assert torch.equal(mapped.view(shared, "hidden_shared", F32, 2), torch.arange(32.0).view(4, 8))
+
+
+def test_host_region_is_a_sealed_owner_only_memfd_with_no_name_in_dev_shm(
+    region: SharedRegion,
+) -> None:
+    fd = region.description().host.fd
+    st = os.fstat(fd)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert (
+        seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW) == fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+    )
+    assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:moe_serve-region")
+    assert not [p for p in Path("/dev/shm").iterdir() if region.id in p.name]
+    assert len(region.id) == 32  # 128 random bits
+
+
+def test_sealed_region_cannot_be_shrunk_by_its_owner(region: SharedRegion) -> None:
+    with pytest.raises(PermissionError):
+        os.ftruncate(region.description().host.fd, 0)
+
+
+def test_closed_region_can_no_longer_be_mapped(region: SharedRegion) -> None:
+    offer = region.description()
+    region.close()
+    with pytest.raises(SharedMemoryError):
+        MappedRegion(offer, near=None)
+
+
+def test_region_of_no_process_here_says_another_host_or_namespace() -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    request = pb.AttachRegionRequest(
+        id="0" * 32, size=4096, nonce=bytes(16), host=pb.HostRegion(pid=int(dead.stdout), fd=3)
+    )
+    with pytest.raises(SharedMemoryError, match="another host or PID namespace"):
         MappedRegion(request, near=None)
 
 
-def test_mapping_with_a_wrong_nonce_is_refused() -> None:
-    region = SharedRegion(4 * ALIGN, CPU)
+@pytest.mark.parametrize("nonce", [b"", bytes(15)])
+def test_offer_without_a_long_enough_nonce_is_refused(region: SharedRegion, nonce: bytes) -> None:
+    with pytest.raises(SharedMemoryError, match=r"nonce: .* expected 16"):
+        MappedRegion(_offer(region, nonce=nonce), near=None)
+
+
+def test_offer_with_a_wrong_nonce_is_refused(region: SharedRegion) -> None:
+    with pytest.raises(SharedMemoryError, match="nonce"):
+        MappedRegion(_offer(region, nonce=bytes(32)), near=None)
+
+
+def test_offer_larger_than_the_file_is_refused(region: SharedRegion) -> None:
+    with pytest.raises(SharedMemoryError, match=f"has {16 * ALIGN} bytes"):
+        MappedRegion(_offer(region, size=17 * ALIGN), near=None)
+
+
+def test_unsealed_memfd_is_refused() -> None:
+    nonce = os.urandom(16)
+    fd = _memfd(1 << 20, nonce=nonce)
     try:
-        request = pb.AttachRegionRequest()
-        request.CopyFrom(region.description())
-        request.nonce = bytes(16)
-        with pytest.raises(SharedMemoryError, match="nonce"):
-            MappedRegion(request, near=None)
+        with pytest.raises(SharedMemoryError, match="not sealed"):
+            MappedRegion(_file_offer(fd, 1 << 20, nonce), near=None)
     finally:
-        region.close()
+        os.close(fd)
+
+
+def test_file_in_dev_shm_is_refused(tmp_path: Path) -> None:
+    path = Path("/dev/shm") / f"moe_serve-test-{os.getpid()}"
+    nonce = os.urandom(16)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        os.pwrite(fd, nonce, 0)
+        with pytest.raises(SharedMemoryError, match="not sealed"):
+            MappedRegion(_file_offer(fd, 1 << 20, nonce), near=None)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def test_memfd_open_to_other_users_is_refused() -> None:
+    nonce = os.urandom(16)
+    fd = _memfd(1 << 20, 0o666, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, nonce)
+    try:
+        with pytest.raises(SharedMemoryError, match="mode 0666"):
+            MappedRegion(_file_offer(fd, 1 << 20, nonce), near=None)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another uid needs root")
+def test_memfd_of_another_user_is_refused() -> None:
+    nonce = os.urandom(16)
+    fd = _memfd(1 << 20, 0o600, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW, nonce)
+    os.fchown(fd, 65534, 65534)
+    try:
+        with pytest.raises(SharedMemoryError, match="owned by uid 65534"):
+            MappedRegion(_file_offer(fd, 1 << 20, nonce), near=None)
+    finally:
+        os.close(fd)
+
+
+def test_descriptor_that_is_no_regular_file_is_refused_unopened() -> None:
+    r, w = os.pipe()
+    try:
+        with pytest.raises(SharedMemoryError, match="not a regular file"):
+            MappedRegion(_file_offer(r, 1 << 20, os.urandom(16)), near=None)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_cuda_region_is_refused_by_a_worker_without_cuda() -> None:
-    request = pb.AttachRegionRequest(id="1" * 16, size=4096, cuda=pb.CudaRegion(device_uuid="x"))
+    request = pb.AttachRegionRequest(
+        id="1" * 32, size=4096, nonce=bytes(16), cuda=pb.CudaRegion(device_uuid="x")
+    )
     with pytest.raises(SharedMemoryError, match="no CUDA device"):
         MappedRegion(request, near=None)
 
@@ -101,6 +233,7 @@ def test_cuda_region_is_refused_by_a_worker_without_cuda() -> None:
     ("change", "field"),
     [
         ({"offset": ALIGN + 1}, "hidden_shared.offset"),
+        ({"offset": 0}, "hidden_shared.offset"),  # the first block holds the nonce
         ({"offset": 8 * ALIGN}, "hidden_shared.offset"),  # runs past the region's end
         ({"shape": [4]}, "hidden_shared.shape"),
         ({"dtype": pb.DTYPE_BFLOAT16}, "hidden_shared.dtype"),
@@ -124,14 +257,111 @@ def test_bad_shared_tensor_names_the_field(change: dict[str, Any], field: str) -
         region.close()
 
 
-def test_unknown_region_id_is_not_attached() -> None:
-    region = SharedRegion(8 * ALIGN, CPU)
+def test_memory_wrapped_for_torch_is_released_with_its_last_view() -> None:
+    buffer = bytearray(4096)
+    address = ctypes.addressof((ctypes.c_char * 4096).from_buffer(buffer))
+    released: list[int] = []
+    t = _wrap(address, 4096, CPU, lambda: released.append(1))
+    view = t[ALIGN:]
+    t[:3] = 7
+    del t
+    gc.collect()
+    assert released == []  # `view` still holds the memory
+    assert buffer[:4] == b"\x07\x07\x07\x00"
+    del view
+    gc.collect()
+    assert released == [1]
+
+
+# ---------------------------------------------------------------- region table ---
+
+
+def _table_view(table: RegionTable, peer: str, region: SharedRegion) -> torch.Tensor:
+    return table.view(peer, region.shared(ALIGN, torch.float32, (4, 8)), "hidden_shared", F32, 2)
+
+
+def test_region_resolves_only_on_the_connection_that_attached_it(region: SharedRegion) -> None:
+    table = RegionTable()
+    table.attach(A, region.description(), near=None)
+    assert _table_view(table, A, region).shape == (4, 8)
+    with pytest.raises(RegionNotAttachedError, match="not mapped for this connection"):
+        _table_view(table, B, region)
+
+
+def test_attach_on_another_connection_keeps_the_first_binding(region: SharedRegion) -> None:
+    other = SharedRegion(16 * ALIGN, CPU)
     try:
-        mapped = MappedRegion(region.description(), near=None)
-        with pytest.raises(RegionNotAttachedError):
-            mapped.view(pb.SharedTensor(region="f" * 16), "hidden_shared", F32, 2)
+        table = RegionTable()
+        table.attach(A, region.description(), near=None)
+        impostor = other.description()
+        impostor.id = region.id  # same id, other memory, other connection
+        table.attach(B, impostor, near=None)
+        region.view(ALIGN, torch.float32, (4, 8)).fill_(1.0)
+        other.view(ALIGN, torch.float32, (4, 8)).fill_(2.0)
+        assert _table_view(table, A, region).sum().item() == 32.0
+        assert _table_view(table, B, region).sum().item() == 64.0
     finally:
-        region.close()
+        other.close()
+
+
+def test_a_connection_keeps_its_four_newest_regions() -> None:
+    regions = [SharedRegion(4 * ALIGN, CPU) for _ in range(6)]
+    try:
+        table = RegionTable()
+        for r in regions:
+            table.attach(A, r.description(), near=None)
+        assert len(table) == 4
+        for r in regions[:2]:
+            with pytest.raises(RegionNotAttachedError):
+                _table_view(table, A, r)
+        for r in regions[2:]:
+            assert _table_view(table, A, r).shape == (4, 8)
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_a_full_table_refuses_a_newcomer_rather_than_evict_a_busy_region() -> None:
+    regions = [SharedRegion(4 * ALIGN, CPU) for _ in range(3)]
+    try:
+        table = RegionTable(capacity=2, idle_s=300.0)
+        table.attach(A, regions[0].description(), near=None)
+        table.attach(B, regions[1].description(), near=None)
+        with pytest.raises(SharedMemoryError, match="holds 2 regions of other connections"):
+            table.attach("ipv4:127.0.0.1:40003", regions[2].description(), near=None)
+        assert _table_view(table, A, regions[0]).shape == (4, 8)
+        assert _table_view(table, B, regions[1]).shape == (4, 8)
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_a_full_table_evicts_the_region_idle_longest() -> None:
+    regions = [SharedRegion(4 * ALIGN, CPU) for _ in range(3)]
+    try:
+        table = RegionTable(capacity=2, idle_s=0.0)
+        table.attach(A, regions[0].description(), near=None)
+        table.attach(B, regions[1].description(), near=None)
+        _table_view(table, A, regions[0])  # A used last: B's region is the idlest
+        table.attach("ipv4:127.0.0.1:40003", regions[2].description(), near=None)
+        assert _table_view(table, A, regions[0]).shape == (4, 8)
+        with pytest.raises(RegionNotAttachedError):
+            _table_view(table, B, regions[1])
+    finally:
+        for r in regions:
+            r.close()
+
+
+def test_a_region_its_owner_closed_is_dropped_to_make_room(region: SharedRegion) -> None:
+    closed = SharedRegion(4 * ALIGN, CPU)
+    table = RegionTable(capacity=1, idle_s=300.0)
+    table.attach(A, closed.description(), near=None)
+    with pytest.raises(SharedMemoryError, match="holds 1 regions"):
+        table.attach(B, region.description(), near=None)
+    closed.close()  # the owner withdraws it (as on exit): its descriptor is gone
+    table.attach(B, region.description(), near=None)
+    assert len(table) == 1
+    assert _table_view(table, B, region).shape == (4, 8)
 
 
 # --------------------------------------------------------------- end to end ---
@@ -233,6 +463,19 @@ def test_concurrent_large_requests_from_one_client_do_not_mix(shared: Cluster) -
     for x, y in zip(xs, asyncio.run(main()), strict=True):
         expected, _ = ref.forward(x, 0)
         assert (y - expected).abs().max().item() <= FP32_TOL
+
+
+def test_one_sync_client_shared_by_threads_gives_each_call_its_own_rows(shared: Cluster) -> None:
+    ref = ReferenceMoE(shared.cfg.model, shared.cfg.routing)
+    xs = [_x(2048 + 64 * i, 300 + i) for i in range(8)]  # 512+ KiB each: shared memory
+    name = "moe_serve_master_infer_transport_total"
+    before = total(scrape(shared.metrics_url()), name, transport="shared")
+    with MoEClient(shared.address) as client, ThreadPoolExecutor(len(xs)) as pool:
+        ys = list(pool.map(client.infer, xs))
+    for x, y in zip(xs, ys, strict=True):
+        expected, _ = ref.forward(x, 0)
+        assert (y - expected).abs().max().item() <= FP32_TOL
+    assert total(scrape(shared.metrics_url()), name, transport="shared") - before == len(xs)
 
 
 def test_client_with_shared_memory_off_sends_bytes(plain: Cluster) -> None:

@@ -18,17 +18,20 @@ import pytest
 import torch
 import yaml
 
+from moe_serve.auth import metadata
 from moe_serve.client import AsyncMoEClient, ClientTLS, MoEClient, MoEServeError
 from moe_serve.config import TLSConfig, parse_config
 from moe_serve.errors import ConfigError
 from moe_serve.launcher import is_serving
 from moe_serve.reference import ReferenceMoE
+from moe_serve.tls import channel as tls_channel
 from moe_serve.tls import check, server_credentials
 from moe_serve.v1 import moe_pb2 as pb
 from tests.conftest import Cluster, start_up, stop_up, world
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gen_test_certs.sh"
 TOKEN = "tls-test-token"
+WORKER_TOKEN = "tls-test-worker-token"
 
 
 def make_certs(out: Path) -> Path:
@@ -59,9 +62,14 @@ def tls_section(certs: Path, client_auth: bool) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def tls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """Server-authenticated TLS on the master and both workers, plus a bearer token."""
-    token_file = tmp_path_factory.mktemp("token") / "token"
-    token_file.write_text(TOKEN)
-    security = {"token_file": str(token_file), "tls": tls_section(certs, client_auth=False)}
+    tokens = tmp_path_factory.mktemp("token")
+    (tokens / "token").write_text(TOKEN)
+    (tokens / "worker-token").write_text(WORKER_TOKEN)
+    security = {
+        "token_file": str(tokens / "token"),
+        "worker_token_file": str(tokens / "worker-token"),
+        "tls": tls_section(certs, client_auth=False),
+    }
     cluster = start_up(world(security=security), tmp_path_factory.mktemp("tls"))
     yield cluster
     stop_up(cluster)
@@ -69,8 +77,14 @@ def tls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def mtls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Mutual TLS: every server requires a client certificate signed by the test CA."""
-    security = {"tls": tls_section(certs, client_auth=True)}
+    """Mutual TLS: every server requires a client certificate signed by the test CA; the
+    workers also want the worker token, which only the master holds."""
+    worker_token = tmp_path_factory.mktemp("worker-token") / "token"
+    worker_token.write_text(WORKER_TOKEN)
+    security = {
+        "worker_token_file": str(worker_token),
+        "tls": tls_section(certs, client_auth=True),
+    }
     cluster = start_up(world(security=security), tmp_path_factory.mktemp("mtls"))
     yield cluster
     stop_up(cluster)
@@ -181,6 +195,23 @@ def test_mutual_tls_round_trip_with_a_client_certificate(
     with MoEClient(mtls_cluster.address, tls=tls) as client:
         y = client.infer(x)  # the master presents its own certificate to the workers
     torch.testing.assert_close(y, expected(mtls_cluster, x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_client_certificate_of_the_same_ca_is_not_a_worker_credential(
+    mtls_cluster: Cluster, certs: Path
+) -> None:
+    tls = ClientTLS(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key")
+    address = mtls_cluster.cfg.worker("w0").address
+    with tls_channel(address, tls) as ch, pytest.raises(grpc.RpcError) as err:
+        ch.unary_unary("/moe_serve.v1.ExpertWorker/GetInfo")(
+            pb.GetInfoRequest().SerializeToString(), timeout=5
+        )
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the handshake passed
+    with tls_channel(address, tls) as ch:
+        reply = ch.unary_unary("/moe_serve.v1.ExpertWorker/GetInfo")(
+            pb.GetInfoRequest().SerializeToString(), timeout=5, metadata=metadata(WORKER_TOKEN)
+        )
+    assert pb.WorkerInfo.FromString(reply).id == "w0"
 
 
 def test_mutual_tls_refuses_a_client_without_a_certificate(

@@ -14,7 +14,10 @@ from moe_serve.errors import InvalidRequestError, WireError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import (
     ALIGN,
+    MAX_FIELDS,
     MAX_RANK,
+    MAX_TENSOR_FIELDS,
+    REQUEST_SLACK_BYTES,
     RawTensor,
     parse,
     serialize,
@@ -363,3 +366,160 @@ def test_truncated_or_garbled_message_raises_only_wire_error(cut: int, junk: byt
             tensor_from_pb(getattr(parsed, name), name)
     except WireError:
         pass  # named, typed: what the server turns into INVALID_ARGUMENT
+
+
+# ------------------------------------------- parse bounds: cost independent of size ---
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def one_token() -> bytes:
+    """A Tensor holding one float32 token of width 64, as stock protobuf writes it."""
+    return pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 64], data=b"\0" * 256).SerializeToString()
+
+
+def parse_error(data: bytes, cls: type = pb.InferRequest, **kwargs: bool) -> WireError:
+    with pytest.raises(WireError) as info:
+        parse(cls, data, **kwargs)
+    return info.value
+
+
+def test_repeated_scalar_fields_stop_the_walk_after_max_fields() -> None:
+    err = parse_error(b"\x08\x00" * (4 << 20))  # 8 MiB of `layer = 0`: 4 Mi fields
+    assert err.field == "request"
+    assert f"more than {MAX_FIELDS} fields" in str(err)
+
+
+def test_max_fields_at_one_level_still_parse() -> None:
+    assert parse(pb.InferRequest, b"\x08\x05" * MAX_FIELDS).layer == 5  # last one wins
+    assert parse_error(b"\x08\x05" * (MAX_FIELDS + 1)).field == "request"
+
+
+def test_walk_bound_holds_for_replies_too() -> None:
+    err = parse_error(b"\x12\x00" * (MAX_FIELDS + 1), pb.InferResponse, trusted=True)
+    assert err.field == "reply"
+    assert f"more than {MAX_FIELDS} fields" in str(err)
+
+
+def test_repeated_fields_inside_a_tensor_stop_after_max_tensor_fields() -> None:
+    tensor = b"\x08\x01" * (MAX_TENSOR_FIELDS + 1)
+    err = parse_error(field(2, tensor))
+    assert err.field == "hidden"
+    assert f"more than {MAX_TENSOR_FIELDS} fields" in str(err)
+
+
+def test_million_dim_packed_shape_is_refused_after_max_rank_dims() -> None:
+    tensor = b"\x08\x01" + field(2, b"\x01" * 1_000_000) + field(3, b"")
+    err = parse_error(field(2, tensor))
+    assert err.field == "hidden.shape"
+    assert f"more than {MAX_RANK} dimensions" in str(err)
+
+
+def test_unpacked_shape_beyond_max_rank_is_refused() -> None:
+    tensor = b"\x08\x01" + b"\x10\x01" * (MAX_RANK + 1)  # shape as repeated varints
+    assert parse_error(field(2, tensor)).field == "hidden.shape"
+
+
+def test_unpacked_shape_at_max_rank_parses() -> None:
+    tensor = b"\x08\x01" + b"\x10\x01" * MAX_RANK + field(3, b"\0" * 4)
+    assert parse(pb.InferRequest, field(2, tensor)).hidden.shape == (1,) * MAX_RANK
+
+
+def test_protobuf_tensor_of_a_million_dims_is_refused_by_rank_before_listing_it() -> None:
+    msg = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 1_000_000, data=b"")
+    err = wire_error(msg, rank=2)
+    assert str(err) == f"hidden.shape: rank 1000000 exceeds the maximum {MAX_RANK}"
+
+
+def test_unknown_top_level_field_in_a_request_is_refused() -> None:
+    err = parse_error(field(2, one_token()) + field(9, b"\0" * 16))
+    assert err.field == "request"
+    assert "unknown field number 9" in str(err)
+
+
+def test_unknown_field_inside_a_request_tensor_is_refused() -> None:
+    err = parse_error(field(2, one_token() + field(4, b"\0")))
+    assert err.field == "hidden"
+    assert "unexpected field number 4" in str(err)
+
+
+def test_unknown_fields_in_a_reply_are_skipped() -> None:
+    output = tensor_to_pb(torch.ones(2, 3)).SerializeToString() + field(4, b"newer peer")
+    data = field(1, output) + field(9, b"newer peer")
+    parsed = parse(pb.InferResponse, data, trusted=True)
+    assert torch.equal(tensor_from_pb(parsed.output, "output"), torch.ones(2, 3))
+
+
+def test_padding_inside_a_tensor_beyond_the_slack_is_refused() -> None:
+    token = one_token()
+    fits = field(2, token + field(15, b"\0" * (REQUEST_SLACK_BYTES - 64)))
+    assert parse(pb.InferRequest, fits).hidden.shape == (1, 64)
+    err = parse_error(field(2, token + field(15, b"\0" * REQUEST_SLACK_BYTES)))
+    assert err.field == "request"
+    assert "declaring 256 bytes of data" in str(err)
+
+
+def test_a_1_token_request_padded_to_50_mib_is_refused() -> None:
+    err = parse_error(field(2, one_token() + field(15, bytes(50 << 20))))
+    assert err.field == "request"
+    assert f"{len(one_token()) + (50 << 20) + 10} bytes" in str(err)
+
+
+def test_tensor_data_larger_than_its_shape_beyond_the_slack_is_refused() -> None:
+    tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 64], data=b"\0" * (1 << 20))
+    err = parse_error(pb.InferRequest(hidden=tensor).SerializeToString())
+    assert err.field == "request"
+
+
+def test_small_fields_beyond_the_slack_are_refused_whatever_the_tensors_declare() -> None:
+    # A huge declared shape must not buy room for non-tensor bytes, which protobuf parses.
+    hidden = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**40, 64], data=b"")
+    shared = pb.SharedTensor(region="r" * (REQUEST_SLACK_BYTES + 1))
+    request = pb.InferRequest(hidden=hidden, hidden_shared=shared)
+    err = parse_error(request.SerializeToString())
+    assert err.field == "request"
+    assert "outside the tensors' data" in str(err)
+
+
+def test_request_tensor_with_unknown_dtype_is_refused_naming_its_dtype() -> None:
+    err = parse_error(pb.InferRequest(hidden=message(99, [1], b"")).SerializeToString())
+    assert err.field == "hidden.dtype"
+    assert "unknown dtype enum 99" in str(err)
+
+
+def test_request_tensor_with_negative_dim_is_refused_naming_its_shape() -> None:
+    err = parse_error(pb.InferRequest(hidden=message(1, [-1, 4], b"")).SerializeToString())
+    assert err.field == "hidden.shape"
+    assert "[-1, 4] has a negative dimension" in str(err)
+
+
+def test_serialized_request_at_any_size_is_within_the_slack() -> None:
+    for rows in (0, 1, 7, 1000):
+        message_, tensors = forward_request(torch.randn(rows, 48).to(torch.bfloat16), rows)
+        parsed = parse(pb.ForwardRequest, serialize(message_, tensors))
+        assert tensor_from_pb(parsed.hidden, "hidden").shape == (rows, 48)
+
+
+def test_reply_with_nested_routing_larger_than_the_slack_parses() -> None:
+    t, e = 512, 64  # scores alone: 128 KiB, far beyond REQUEST_SLACK_BYTES
+    routing = pb.Routing(
+        expert_ids=tensor_to_pb(torch.zeros(t, 2, dtype=torch.int64)),
+        weights=tensor_to_pb(torch.ones(t, 2)),
+        scores=tensor_to_pb(torch.full((t, e), 0.5)),
+    )
+    data = serialize(pb.InferResponse(routing=routing), {"output": torch.ones(t, 8)})
+    parsed = parse(pb.InferResponse, data, trusted=True)
+    assert tensor_from_pb(parsed.routing.scores, "scores").shape == (t, e)
+    assert torch.equal(tensor_from_pb(parsed.output, "output"), torch.ones(t, 8))

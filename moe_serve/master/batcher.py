@@ -6,6 +6,11 @@ starts one pass per layer for those calls: gate, dispatch, one Forward per worke
 combine. Up to MAX_BATCHES_IN_FLIGHT batches run at once; while they wait on the workers, new
 calls queue up and leave together as the next batch. An idle master adds no latency: a
 lone call is a batch of one at once.
+
+A pass answers each call on its own: a call whose rows cannot be served (a row that
+overflows the gate or the experts) gets its own error, and its batch mates their results,
+computed as if it had never come. Only an error of the pass as a whole (a worker that
+failed, a deadline) is handed to every call of the batch.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import torch
 
 from moe_serve.budget import TokenBudget
 from moe_serve.config import MasterConfig
+from moe_serve.errors import MoEError
 from moe_serve.gating import Routing
 from moe_serve.metrics import MasterMetrics
 
-# One pass over a layer: (layer, inputs, losses wanted, timeout) -> (output, routing) per call.
-Pass = Callable[
-    [int, list[torch.Tensor], list[bool], float], Awaitable[list[tuple[torch.Tensor, Routing]]]
-]
+# What one call of a pass gets: its (output, routing), or the error of that call alone.
+Outcome = tuple[torch.Tensor, Routing] | MoEError
+# One pass over a layer: (layer, inputs, losses wanted, timeout) -> an Outcome per call.
+Pass = Callable[[int, list[torch.Tensor], list[bool], float], Awaitable[list[Outcome]]]
 
 
 MAX_BATCHES_IN_FLIGHT = 1
@@ -68,7 +74,8 @@ class InferBatcher:
     async def submit(
         self, layer: int, x: torch.Tensor, losses: bool, timeout_s: float
     ) -> tuple[torch.Tensor, Routing]:
-        """Queue one checked call; resolve to its output [T, H] float32 and its routing.
+        """Queue one checked call; resolve to its output [T, H] in the model dtype and its
+        routing, or raise the error of this call (or of its whole pass).
 
         RequestTooLargeError (RESOURCE_EXHAUSTED) when the tokens accepted and not yet
         answered would exceed master.max_pending_tokens."""
@@ -140,5 +147,9 @@ class InferBatcher:
             if last:
                 self._slots.release()
         for c, result in zip(calls, results, strict=True):
-            if not c.future.done():
+            if c.future.done():
+                continue
+            if isinstance(result, MoEError):  # this call's own error; its mates are served
+                c.future.set_exception(result)
+            else:
                 c.future.set_result(result)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from moe_serve.auth import load_token
+from moe_serve.auth import load_tokens
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
@@ -21,9 +21,9 @@ log = logging.getLogger("moe_serve.master")
 async def serve(cfg: WorldConfig) -> None:
     """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop."""
     torch.set_grad_enabled(False)
-    token = load_token(cfg.security)
+    token, worker_token = load_tokens(cfg.security)
     metrics = MasterMetrics()
-    pool = WorkerPool(cfg, metrics, token)
+    pool = WorkerPool(cfg, metrics, worker_token)  # workers check the worker token, not ours
     service = MasterService(cfg, pool, metrics)
     keep_large_allocations()  # after loading: its temporaries go back to the OS
     service.batcher.start()
@@ -31,7 +31,7 @@ async def serve(cfg: WorldConfig) -> None:
         "MoEMaster",
         service,
         cfg.master.listen,
-        cfg.master.max_message_bytes,
+        cfg.message_limit("client"),
         field="master.listen",
         serving=False,
         token=token,
@@ -47,11 +47,19 @@ async def serve(cfg: WorldConfig) -> None:
         await set_serving(served.health, served.full_name, ready)
 
     pool.start_watch(on_probe)
-    start_exporter(cfg.master.metrics_port, metrics.registry, "master.metrics_port")
+    host = cfg.master.metrics_bind_host
+    start_exporter(
+        cfg.master.metrics_port,
+        metrics.registry,
+        "master.metrics_port",
+        host,
+        "master.metrics_host",
+    )
     log.info(
-        "master: serving layers %s on port %d (metrics: %s)",
+        "master: serving layers %s on port %d (metrics: %s port %s)",
         list(cfg.model.moe_layers),
         served.port,
+        host,
         cfg.master.metrics_port,
     )
     await wait_for_signal()
@@ -65,6 +73,6 @@ async def serve(cfg: WorldConfig) -> None:
 def main(cfg: WorldConfig) -> None:
     """Entry point of `moe-serve master`."""
     check_devices_exist((cfg.master.device,), "master.device")
-    load_token(cfg.security)  # an unset token variable is a ConfigError before anything starts
+    load_tokens(cfg.security)  # an unset token variable is a ConfigError before anything starts
     check_tls(cfg.security.tls)  # so is an unreadable or mismatched certificate file
     run(serve(cfg))

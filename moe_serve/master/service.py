@@ -6,6 +6,7 @@ Legend: T tokens, H hidden size, E experts, K top_k.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -23,7 +24,7 @@ from moe_serve.errors import (
 )
 from moe_serve.experts import load_shared, shared_forward
 from moe_serve.gating import Gate, Routing, merge_routings, routing_to, split_routing
-from moe_serve.master.batcher import InferBatcher
+from moe_serve.master.batcher import InferBatcher, Outcome
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
 from moe_serve.placement import Owners, Placement, plan_owners
@@ -35,6 +36,11 @@ from moe_serve.weights import open_weights
 from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, serialize, tensor_from_pb, tensor_to_pb
 
 log = logging.getLogger(__name__)
+
+# The connection (`context.peer()`) of the Infer call being decoded: its SharedTensors
+# resolve only among the regions that connection attached. Set by Infer in its own task
+# (asyncio gives each call a copy of the context), read by _decode and _output_view.
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("moe_serve_infer_caller")
 
 # Requests up to this size that arrive as bytes stay in host memory until their batch moves
 # to master.device in one copy.
@@ -61,12 +67,16 @@ class MasterService(pb_grpc.MoEMasterServicer):
         }
         self._owner_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._turn = 0  # rotates ties between equally loaded replicas
-        self.client_regions = RegionTable()  # regions of clients on this host, by id
+        # Regions of clients on this host, each bound to the connection that attached it.
+        self.client_regions = RegionTable()
         self.batcher = InferBatcher(self._pass, cfg.master, metrics)
+        # The dtype gate logits are computed in (gating.gate_scores), named by errors.
+        self._router_dtype = m.dtype if cfg.routing.router_dtype == "model" else "float32"
 
     @error_boundary
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         start, code = time.perf_counter(), "INTERNAL"
+        _CALLER.set(context.peer())
         try:
             reply = await self._infer(request, context.time_remaining())
             code = "OK"
@@ -102,26 +112,81 @@ class MasterService(pb_grpc.MoEMasterServicer):
 
     async def _pass(
         self, layer: int, xs: list[torch.Tensor], losses: list[bool], timeout_s: float
-    ) -> list[tuple[torch.Tensor, Routing]]:
-        """One forward of `layer` over the calls' rows together -> (output [T_i, H] float32,
-        routing) per call, each equal to what the call alone would get."""
-        on_host = [t.device != self.device for t in xs]
-        sizes = [t.shape[0] for t in xs]
-        if all(on_host):
-            host = xs[0] if len(xs) == 1 else torch.cat(xs)
-            x = host.to(self.device)
-        else:
-            host = None
-            x = torch.cat([t.to(self.device) for t in xs]) if len(xs) > 1 else xs[0]
-        r, routings = self._route(layer, x, sizes, losses)
-        # A batch of small byte requests (a GPU master's decode steps) is only gated on the
-        # device: one copy brings the routing back, and dispatch, the worker messages and
-        # the combine run in host memory, with none of the device syncs they cost there.
-        work = x
-        if host is not None:
-            work = host
-            r = routing_to(r, host.device)
-            routings = [routing_to(q, host.device) for q in routings]
+    ) -> list[Outcome]:
+        """One forward of `layer` over the calls' rows together -> per call its (output
+        [T_i, H] in the model dtype, routing), equal to what the call alone would get, or
+        the InvalidRequestError of a call whose result would not be finite: such a call
+        fails alone, and its mates are computed as if it had never come."""
+        outcomes: list[Outcome | None] = [None] * len(xs)
+        live = list(range(len(xs)))  # calls still in the pass
+        while True:
+            sizes = [xs[i].shape[0] for i in live]
+            on_host = [xs[i].device != self.device for i in live]
+            host, x = self._stack([xs[i] for i in live], on_host)
+            r, routings = self._route(layer, x, sizes, [losses[i] for i in live])
+            if host is not None:
+                # A batch of small byte requests (a GPU master's decode steps) is only gated
+                # on the device: one copy brings the routing back, and the checks, dispatch,
+                # the worker messages and the combine run in host memory, with none of the
+                # device syncs they cost there.
+                r = routing_to(r, host.device)
+                routings = [routing_to(q, host.device) for q in routings]
+            # A row whose gate overflows (a finite float32 row of +-1e38 makes a logit inf,
+            # and softmax NaN) would send NaN weights to the workers and fail the whole
+            # Forward for everyone. Such calls leave the pass; the others are gated again
+            # without them (capacity is per call, gating otherwise row-wise: same routing).
+            finite = torch.isfinite(r.scores).all(dim=1) & torch.isfinite(r.weights).all(dim=1)
+            # Host sync (none for a batch routed in host memory): one read-back serves the
+            # metrics' per-expert counts and each call's first row with non-finite gate
+            # scores (which calls go on decides the dispatch).
+            counts, firsts = _read_back(self._expert_counts(r), ~finite, sizes)
+            poisoned = {j for j, row in enumerate(firsts) if row >= 0}
+            if not poisoned:
+                break
+            for j in poisoned:
+                outcomes[live[j]] = InvalidRequestError(
+                    "hidden",
+                    f"row {firsts[j]}: gate scores not finite (the row overflows layer "
+                    f"{layer}'s router in {self._router_dtype}); values must be small enough "
+                    "for the gate",
+                )
+            live = [i for j, i in enumerate(live) if j not in poisoned]
+            if not live:
+                return _answered(outcomes)
+        try:
+            outs, firsts = await self._compute(layer, x, host, on_host, sizes, r, timeout_s)
+        except MoEError as exc:
+            if len(live) == len(xs):
+                raise  # the pass failed as a whole
+            for i in live:  # the calls that left the pass keep their own error
+                outcomes[i] = exc
+            return _answered(outcomes)
+        self._observe(layer, counts)
+        for i, o, q, row in zip(live, outs, routings, firsts, strict=True):
+            if row >= 0:
+                outcomes[i] = InvalidRequestError(
+                    "hidden",
+                    f"row {row}: output not finite (an expert overflows {self.cfg.model.dtype} "
+                    "on this row); values must be small enough for the experts",
+                )
+            else:
+                outcomes[i] = (o, q)
+        return _answered(outcomes)
+
+    async def _compute(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        host: torch.Tensor | None,
+        on_host: list[bool],
+        sizes: list[int],
+        r: Routing,
+        timeout_s: float,
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """Dispatch a gated batch, gather the workers' partial sums (failing over), add the
+        shared experts -> (each call's output rows in the model dtype, where its reply is
+        built; each call's first non-finite output row, -1 for none)."""
+        work = x if host is None else host
         slices = dispatch(r, self._owners(layer, work.device), len(self.placement.worker_ids))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -143,12 +208,29 @@ class MasterService(pb_grpc.MoEMasterServicer):
         out = combine(x.shape[0], x.shape[1], slices, results, work.device)  # [T, H] float32
         if shared is not None:
             out += shared.float().to(work.device)
-        self._observe(layer, r)
-        outs = list(out.split(sizes))
+        # Checked as it will be sent: partial sums finite in float32 can still overflow
+        # float16 (65504) when rounded for the reply.
+        out = out.to(self.dtype)
+        outs, checked = list(out.split(sizes)), out
         if host is None and any(on_host):  # replies built in host memory: one copy for all
-            back = out.to("cpu").split(sizes)
+            checked = out.to("cpu")
+            back = checked.split(sizes)
             outs = [b if h else o for b, o, h in zip(back, outs, on_host, strict=True)]
-        return list(zip(outs, routings, strict=True))
+        # Host sync (none when `checked` is in host memory): each call's first non-finite
+        # output row (an expert overflowing on a finite input); rows are independent, so
+        # only that call fails.
+        _, firsts = _read_back(None, ~torch.isfinite(checked).all(dim=1), sizes)
+        return outs, firsts
+
+    def _stack(
+        self, xs: list[torch.Tensor], on_host: list[bool]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The calls' rows as one batch: (the batch in host memory when every call is
+        there, else None; the batch on master.device)."""
+        if all(on_host):
+            host = xs[0] if len(xs) == 1 else torch.cat(xs)
+            return host, host.to(self.device)
+        return None, torch.cat([t.to(self.device) for t in xs]) if len(xs) > 1 else xs[0]
 
     def _owners(self, layer: int, device: torch.device, strict: bool = False) -> Owners:
         """Who computes this batch's pairs: replicated experts' tokens are divided among
@@ -182,11 +264,17 @@ class MasterService(pb_grpc.MoEMasterServicer):
         deadline: float,
     ) -> tuple[list[WorkerSlice], list[torch.Tensor]]:
         """Resend the slices of workers that turned out unavailable to live replicas of
-        their experts, until every slice has its partial sums; UNAVAILABLE naming the
-        experts when one has no live replica left. Other errors are raised as they are."""
+        their experts, round by round, until every slice has its partial sums.
+
+        Every round's results are examined, the last one's too. At most W resend rounds
+        (each loses a worker, unless their health flaps back in between); a slice still
+        failing after them, or an expert with no live replica left, is UNAVAILABLE naming
+        the experts and workers. Other errors are raised as they are. The slices returned
+        hold exactly the pairs dispatched (counted), so no partial sum is lost."""
+        dispatched = sum(sl.pair_expert.shape[0] for sl in slices)
         done: list[tuple[WorkerSlice, torch.Tensor]] = []
         loop, W = asyncio.get_running_loop(), len(self.placement.worker_ids)
-        for _ in range(W + 1):  # each round loses at least one worker, or ends
+        for round_ in range(W + 1):  # round 0: the first sends; rounds 1..W: resends
             failed = []
             for sl, res in zip(slices, results, strict=True):
                 if isinstance(res, WorkerUnavailableError):
@@ -197,12 +285,17 @@ class MasterService(pb_grpc.MoEMasterServicer):
                     done.append((sl, res))
             if not failed:
                 break
-            owner = self._owners(layer, x.device, strict=True)
             experts = sorted({e for sl in failed for e in sl.pair_expert.tolist()})
+            gone = sorted({self.placement.worker_ids[sl.worker] for sl in failed})
+            if round_ == W:
+                raise WorkerUnavailableError(
+                    f"no live replica for layer {layer} experts {experts}: worker(s) {gone} "
+                    f"still unavailable after {W} resend round(s)"
+                )
+            owner = self._owners(layer, x.device, strict=True)
             held = owner.expert.tolist()  # one read back, not one sync per expert
             lost = [e for e in experts if held[e] < 0]
             if lost:
-                gone = sorted({self.placement.worker_ids[sl.worker] for sl in failed})
                 raise WorkerUnavailableError(
                     f"no live replica for layer {layer} experts {lost}: worker(s) {gone} "
                     "unavailable"
@@ -213,6 +306,12 @@ class MasterService(pb_grpc.MoEMasterServicer):
             results = await asyncio.gather(
                 *(self.pool.forward(layer, x, sl, timeout) for sl in slices),
                 return_exceptions=True,
+            )
+        computed = sum(sl.pair_expert.shape[0] for sl, _ in done)
+        if computed != dispatched:  # a partial sum short or doubled: never answer it
+            raise MoEError(
+                f"layer {layer}: {computed} (token, expert) pairs computed after failover, "
+                f"{dispatched} dispatched"
             )
         return [sl for sl, _ in done], [res for _, res in done]
 
@@ -236,7 +335,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         if not request.HasField("output_shared"):
             return None
         view = self.client_regions.view(
-            request.output_shared, "output_shared", frozenset({self.dtype}), 2
+            _CALLER.get(""), request.output_shared, "output_shared", frozenset({self.dtype}), 2
         )
         if view.shape != shape:
             raise InvalidRequestError(
@@ -250,7 +349,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
     ) -> pb.AttachRegionReply:
         try:
             near = self.device if self.device.type == "cuda" else None
-            region = self.client_regions.attach(request, near)
+            region = self.client_regions.attach(context.peer(), request, near)
         except SharedMemoryError as exc:
             return pb.AttachRegionReply(attached=False, reason=str(exc))
         log.info("master: mapped a client's %d-byte region", region.size)
@@ -262,8 +361,11 @@ class MasterService(pb_grpc.MoEMasterServicer):
             raise InvalidRequestError(
                 "layer", f"{request.layer} is not a MoE layer; served: {list(layers)}"
             )
-        if request.HasField("hidden_shared"):
-            x = self.client_regions.view(request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2)
+        shared = request.HasField("hidden_shared")
+        if shared:
+            x = self.client_regions.view(
+                _CALLER.get(""), request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2
+            )
             self.metrics.infer_transport.labels("shared").inc()
         else:
             x = tensor_from_pb(request.hidden, "hidden", dtypes=FLOAT_DTYPES, rank=2)
@@ -281,23 +383,31 @@ class MasterService(pb_grpc.MoEMasterServicer):
         # A small request that came as bytes is converted and checked in host memory: its
         # batch then moves to the device in one copy (_pass), not one copy and sync per call.
         small = x.device.type == "cpu" and x.numel() * x.element_size() <= HOST_BATCH_BYTES
-        x = x.to(x.device if small else self.device, self.dtype)
+        # Shared memory is copied before it is checked: its owner can still write to it, and
+        # what is computed must be what was checked. (A cast or a move to the device copies
+        # anyway; copy=True adds a copy only where neither happens: one memcpy of the input.)
+        x = x.to(x.device if small else self.device, self.dtype, copy=shared)
         if not bool(torch.isfinite(x).all()):  # one check at the edge, before any fan-out
             raise InvalidRequestError("hidden", "contains NaN or Inf")
         return x
 
-    def _observe(self, layer: int, r: Routing) -> None:
-        m, label = self.metrics, str(layer)
+    def _expert_counts(self, r: Routing) -> torch.Tensor:
+        """[E + 1] int64 on r's device: kept pairs per expert, then the dropped ones; built
+        on the device to be read back with other values in one sync (masked indexing and
+        bincount would each add one)."""
         E = self.cfg.model.num_experts
-        # Kept pairs per expert, and the dropped count in the last slot, built on the device
-        # and read back with one sync (masked indexing and bincount would each add one).
         counts = torch.zeros(E + 1, dtype=torch.int64, device=r.expert_ids.device)
-        counts.scatter_add_(
+        return counts.scatter_add_(
             0,
             r.expert_ids.masked_fill(~r.kept, E).flatten(),
             torch.ones_like(r.expert_ids).flatten(),
         )
-        *per_expert, dropped = counts.tolist()
+
+    def _observe(self, layer: int, counts: list[int]) -> None:
+        """Count a served batch's kept pairs per expert and its dropped pairs
+        (`_expert_counts`, read back)."""
+        m, label = self.metrics, str(layer)
+        *per_expert, dropped = counts
         for e, n in enumerate(per_expert):
             if n:
                 m.expert_tokens.labels(label, str(e)).inc(n)
@@ -336,6 +446,42 @@ class MasterService(pb_grpc.MoEMasterServicer):
             capacity_factor=routing.capacity_factor or 0.0,
             max_request_tokens=self.cfg.master.max_request_tokens,
         )
+
+
+def _read_back(
+    head: torch.Tensor | None, bad: torch.Tensor, sizes: list[int]
+) -> tuple[list[int], list[int]]:
+    """(`head`, an int64 vector, or [] for None; each call's first row flagged in `bad` [T],
+    counted within the call, -1 for none), read back to the host in one copy."""
+    T, n, device = bad.shape[0], len(sizes), bad.device
+    if n == 1:
+        owner = torch.zeros(T, dtype=torch.int64, device=device)
+        local = torch.arange(T, device=device)
+    else:
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        owner = torch.repeat_interleave(
+            torch.arange(n, device=device), torch.tensor(sizes, device=device), output_size=T
+        )
+        local = torch.arange(T, device=device) - torch.tensor(starts, device=device)[owner]
+    # T stands for "no bad row": every call's rows are counted below it.
+    first = torch.full((n,), T, dtype=torch.int64, device=device).scatter_reduce_(
+        0, owner, torch.where(bad, local, T), "amin"
+    )
+    first = torch.where(first == T, -1, first)
+    if head is None:
+        return [], first.tolist()
+    values = torch.cat([head, first]).tolist()
+    return values[: head.shape[0]], values[head.shape[0] :]
+
+
+def _answered(outcomes: list[Outcome | None]) -> list[Outcome]:
+    """The outcomes of a pass, each call answered."""
+    answered = [o for o in outcomes if o is not None]
+    if len(answered) != len(outcomes):
+        raise MoEError("a call of the pass was left unanswered")
+    return answered
 
 
 def _routing_pb(r: Routing) -> pb.Routing:

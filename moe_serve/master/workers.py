@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -53,7 +54,7 @@ class WorkerPool:
     def __init__(self, cfg: WorldConfig, metrics: MasterMetrics, token: str | None = None) -> None:
         self.workers = cfg.workers
         self.metrics = metrics
-        options = message_options(cfg.master.max_message_bytes) + _CHANNEL_OPTIONS
+        options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
         tls = ClientTLS.from_config(cfg.security.tls)
         self._channels = [
             aio_channel(w.address, tls, options, field="security.tls") for w in cfg.workers
@@ -195,36 +196,54 @@ class WorkerPool:
         self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError, own_bound: bool
     ) -> MoEError:
         w = self.workers[sl.worker]
-        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "region" in (exc.details() or ""):
-            return RegionLostError(exc.details())
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "region" in details:
+            return RegionLostError(details)
         experts = sorted(set(sl.pair_expert.tolist()))
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and own_bound:
+        # Where the worker runs is for the operator: the log has its address and gRPC's own
+        # words; a client's message names the worker by id, and carries the details with
+        # every address taken out (gRPC's often name the peer, e.g. "ipv4:10.0.0.12:50061").
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and not own_bound:
+            level = logging.INFO  # the client's own deadline passed: routine
+        elif code in _WORKER_DOWN or code in _WORKER_LIMITS:
+            level = logging.WARNING
+        else:
+            level = logging.ERROR  # a code no worker should answer
+        log.log(
+            level,
+            "worker %s (%s), layer %d experts %s: %s: %s",
+            w.id,
+            w.address,
+            layer,
+            experts,
+            code.name,
+            details,
+        )
+        said = _without_addresses(details, w.address)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and own_bound:
             # The worker, not the client's deadline, ran out: treat it as down (frozen or
             # overloaded); its slice can still go to a replica.
             self._set_health(sl.worker, False)
             return WorkerUnavailableError(
                 f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
-                f"({w.address}) did not answer within master.worker_timeout_s="
-                f"{self.call_timeout_s:g}"
+                f"did not answer within master.worker_timeout_s={self.call_timeout_s:g}"
             )
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineError(
-                f"deadline exceeded waiting for worker {w.id!r} ({w.address}), layer {layer} "
-                f"experts {experts}"
+                f"deadline exceeded waiting for worker {w.id!r}, layer {layer} experts {experts}"
             )
         # CANCELLED here comes from the worker, not from us (our own cancellations raise
         # CancelledError): a server cancels calls it accepted but had not started when it
         # stops. The worker is leaving, and the slice can go to a replica.
-        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if code in _WORKER_DOWN:
             self._set_health(sl.worker, False)
             return WorkerUnavailableError(
                 f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
-                f"({w.address}) is unavailable: {exc.code().name}: {exc.details()}"
+                f"is unavailable: {code.name}: {said}"
             )
-        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return RequestTooLargeError(f"worker {w.id!r} is over a limit: {exc.details()}")
-        log.error("worker %s answered %s: %s", w.id, exc.code().name, exc.details())
-        return MoEError(f"worker {w.id!r} failed: {exc.code().name}: {exc.details()}")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return RequestTooLargeError(f"worker {w.id!r} is over a limit: {said}")
+        return MoEError(f"worker {w.id!r} failed: {code.name}: {said}")
 
     async def probe(self) -> None:
         """Health-check every worker once, concurrently."""
@@ -266,6 +285,30 @@ class WorkerPool:
 
 class RegionLostError(MoEError):
     """The worker no longer has the shared region mapped (it restarted between probes)."""
+
+
+# Codes after which the worker counts as down and its slice goes to a replica.
+_WORKER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# Codes of a worker that is up but over a bound (its queue, its worker_timeout_s).
+_WORKER_LIMITS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+# Peer addresses as gRPC writes them ("ipv4:10.0.0.12:50061", "ipv6:[::1]:50061",
+# "unix:/run/w0.sock"), and bare IPv4 / bracketed IPv6 literals with an optional port.
+_ADDRESS = re.compile(
+    r"\b(?:ipv4|ipv6|unix|unix-abstract|vsock|dns):[^\s,;'\"()]*[^\s,;'\"():]"
+    r"|\[[0-9A-Za-z:.%]+\](?::\d+)?"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+)
+
+
+def _without_addresses(details: str, address: str) -> str:
+    """A worker's error details fit for a client: its configured address (and host name)
+    and any peer address gRPC wrote replaced by "<address>"."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    for known in (address, host):
+        if known:
+            details = details.replace(known, "<address>")
+    return _ADDRESS.sub("<address>", details)
 
 
 def _pairs(sl: WorkerSlice) -> dict[str, torch.Tensor]:

@@ -167,30 +167,24 @@ class SharedTensor(_message.Message):
     def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HostRegion(_message.Message):
-    __slots__ = ("name",)
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    __slots__ = ("pid", "fd")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    fd: int
+    def __init__(self, pid: _Optional[int] = ..., fd: _Optional[int] = ...) -> None: ...
 
 class CudaRegion(_message.Message):
-    __slots__ = ("device_uuid", "handle", "storage_size", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    __slots__ = ("device_uuid", "handle", "offset", "anchor")
     DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     HANDLE_FIELD_NUMBER: _ClassVar[int]
-    STORAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
-    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
-    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
-    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
-    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     device_uuid: str
     handle: bytes
-    storage_size: int
-    storage_offset: int
-    ref_counter_handle: bytes
-    ref_counter_offset: int
-    event_handle: bytes
-    event_sync_required: bool
-    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_size: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+    offset: int
+    anchor: HostRegion
+    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., offset: _Optional[int] = ..., anchor: _Optional[_Union[HostRegion, _Mapping]] = ...) -> None: ...
 
 class AttachRegionRequest(_message.Message):
     __slots__ = ("id", "size", "nonce", "host", "cuda")

@@ -75,7 +75,8 @@ class MoEMasterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AttachRegion(self, request, context):
-        """Map a memory region of a client on the master's host (see SharedTensor).
+        """Map a memory region of a client on the master's host, under the master's user, for
+        this connection (see SharedTensor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,7 +239,8 @@ class ExpertWorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AttachRegion(self, request, context):
-        """Map a memory region of the master (same host only), replacing any mapped before.
+        """Map a memory region of the master (same host and user only) for this connection;
+        another connection's regions are never replaced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -50,7 +50,11 @@ class DynamicBatcher:
         self._carry: _Call | None = None  # a call that did not fit in the previous batch
         self._task: asyncio.Task[None] | None = None
         self._memory_read = 0.0  # monotonic time the memory gauge was last set
-        self.budget = TokenBudget(cfg.max_queue_tokens, "batching.max_queue_tokens", "worker")
+        # A call holds max(tokens, pairs): its [P, H] gathers, not its [N, H] rows, are what
+        # grows with a call (a master sends up to top_k pairs per token).
+        self.budget = TokenBudget(
+            cfg.max_queue_tokens, "batching.max_queue_tokens", "worker", unit="tokens or pairs"
+        )
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -72,9 +76,10 @@ class DynamicBatcher:
     ) -> torch.Tensor:
         """Queue one validated call; resolve to its partial sums [N, H].
 
-        RequestTooLargeError (RESOURCE_EXHAUSTED) when the tokens held would exceed
-        batching.max_queue_tokens (a lone call always runs)."""
-        with self.budget.admit(hidden.shape[0]):
+        RequestTooLargeError (RESOURCE_EXHAUSTED) when what is held would exceed
+        batching.max_queue_tokens, each call counting max(tokens, (token, expert) pairs)
+        (a lone call always runs; `WorkerEngine.validate` bounds its pairs)."""
+        with self.budget.admit(max(hidden.shape[0], pair_token.shape[0])):
             future = asyncio.get_running_loop().create_future()
             call = _Call(layer, hidden, pair_token, pair_expert, pair_weight, future)
             self._queue.put_nowait(call)

@@ -71,6 +71,7 @@ class WorkerEngine:
         self.graphs: dict[int, list[SmallBatchGraphs | None]] = {}
         self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
         self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
+        self.held_count: dict[int, int] = {}  # layer -> experts held (bounds pairs per token)
         self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         progress = _Progress(sum(len(worker.experts_on(la)) for la in model.moe_layers), worker.id)
         for layer in model.moe_layers:
@@ -93,6 +94,7 @@ class WorkerEngine:
             stacks.append(stack)
             progress.add(len(experts), stack.nbytes())
         self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
+        self.held_count[layer] = len(self.worker.experts_on(layer))
         self.graphs[layer] = [
             SmallBatchGraphs(s) if s is not None and self.cuda_graphs else None for s in stacks
         ]
@@ -109,13 +111,26 @@ class WorkerEngine:
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
     ) -> None:
-        """Raise InvalidRequestError unless each pair names a request row and a held expert."""
+        """Raise InvalidRequestError unless each pair names a request row and a held expert.
+
+        The pair count is checked first, from the shapes alone: at most `tokens` x (experts
+        held on `layer`) pairs, so a call with one token and millions of pairs costs its
+        message and nothing more (no [P] temporaries, no [P, H] gather).
+        """
         P = pair_token.shape[0]
         if pair_expert.shape[0] != P or pair_weight.shape[0] != P:
             raise InvalidRequestError(
                 "pair_expert/pair_weight.shape",
                 f"lengths {pair_expert.shape[0]}/{pair_weight.shape[0]}; expected {P} "
                 "(one per pair_token)",
+            )
+        held = self.held_count[layer]
+        most = tokens * held
+        if most < P:
+            raise InvalidRequestError(
+                "pair_token.shape[0]",
+                f"{P} pairs for {tokens} tokens; expected at most {most} (tokens x "
+                f"the {held} experts worker {self.worker.id!r} holds on layer {layer})",
             )
         if P == 0:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from moe_serve.auth import load_token
+from moe_serve.auth import load_worker_token
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
 from moe_serve.rpc import keep_large_allocations, run, serve_service, wait_for_signal
@@ -42,15 +42,26 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         "ExpertWorker",
         WorkerService(engine, batcher),
         worker.listen_address,
-        cfg.master.max_message_bytes,
+        cfg.message_limit("worker"),
         field=f"{field}.{'listen' if worker.listen else 'address'}",
-        token=load_token(cfg.security),
+        token=load_worker_token(cfg.security),  # never the client token
         credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
         who=f"worker {worker.id}",
     )
-    start_exporter(worker.metrics_port, metrics.registry, f"{field}.metrics_port")
+    host = worker.metrics_bind_host
+    start_exporter(
+        worker.metrics_port,
+        metrics.registry,
+        f"{field}.metrics_port",
+        host,
+        f"{field}.metrics_host",
+    )
     log.info(
-        "worker %s: serving on port %d (metrics: %s)", worker.id, served.port, worker.metrics_port
+        "worker %s: serving on port %d (metrics: %s port %s)",
+        worker.id,
+        served.port,
+        host,
+        worker.metrics_port,
     )
     await wait_for_signal()
     grace = cfg.batching.shutdown_grace_s
@@ -62,6 +73,6 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
 def main(cfg: WorldConfig, worker_id: str) -> None:
     """Entry point of `moe-serve worker`."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
-    load_token(cfg.security)  # an unset token variable too
+    load_worker_token(cfg.security)  # an unset token variable too
     check_tls(cfg.security.tls)  # and an unreadable or mismatched certificate file
     run(serve(cfg, worker_id))

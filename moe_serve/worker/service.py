@@ -9,7 +9,7 @@ import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.rpc import error_boundary
-from moe_serve.shm import MappedRegion, RegionNotAttachedError, SharedMemoryError
+from moe_serve.shm import RegionTable, SharedMemoryError
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.wire import dtype_name, serialize, tensor_from_pb
@@ -28,13 +28,16 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
         self.engine, self.batcher = engine, batcher
         self.metrics = batcher.metrics
-        self.region: MappedRegion | None = None  # the master's, once attached
+        # Masters' regions, each bound to the connection that attached it: another caller's
+        # AttachRegion makes its own binding and never replaces a master's.
+        self.regions = RegionTable()
 
     @error_boundary
     async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            inputs = self._decode(request)
-            target = self._output_view(request)
+            peer = context.peer()
+            inputs = self._decode(request, peer)
+            target = self._output_view(request, peer)
             if target is not None and target.shape != inputs[0].shape:
                 raise InvalidRequestError(
                     "output_shared.shape",
@@ -53,17 +56,12 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
             torch.cuda.synchronize(target.device)
         return pb.ForwardResponse()
 
-    def _output_view(self, request: pb.ForwardRequest) -> torch.Tensor | None:
+    def _output_view(self, request: pb.ForwardRequest, peer: str) -> torch.Tensor | None:
         if not request.HasField("output_shared"):
             return None
-        return self._mapped().view(
-            request.output_shared, "output_shared", frozenset({self.engine.dtype}), 2
+        return self.regions.view(
+            peer, request.output_shared, "output_shared", frozenset({self.engine.dtype}), 2
         )
-
-    def _mapped(self) -> MappedRegion:
-        if self.region is None:
-            raise RegionNotAttachedError("region: no shared region is mapped on this worker")
-        return self.region
 
     @error_boundary
     async def AttachRegion(
@@ -71,24 +69,23 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     ) -> pb.AttachRegionReply:
         near = next((d for d in self.engine.devices if d.type == "cuda"), None)
         try:
-            region = MappedRegion(request, near)
+            region = self.regions.attach(context.peer(), request, near)
         except SharedMemoryError as exc:
             return pb.AttachRegionReply(attached=False, reason=str(exc))
-        self.region = region  # replaces (and so unmaps) a previous master's region
         log.info(
             "worker %s: mapped the master's %d-byte region", self.engine.worker.id, region.size
         )
         return pb.AttachRegionReply(attached=True)
 
-    def _decode(self, request: pb.ForwardRequest) -> tuple[torch.Tensor, ...]:
+    def _decode(self, request: pb.ForwardRequest, peer: str) -> tuple[torch.Tensor, ...]:
         e = self.engine
         if request.layer not in e.stacks:
             raise InvalidRequestError(
                 "layer", f"{request.layer} is not a MoE layer; served: {sorted(e.stacks)}"
             )
         if request.HasField("hidden_shared"):
-            hidden = self._mapped().view(
-                request.hidden_shared, "hidden_shared", frozenset({e.dtype}), 2
+            hidden = self.regions.view(
+                peer, request.hidden_shared, "hidden_shared", frozenset({e.dtype}), 2
             )
         else:
             hidden = tensor_from_pb(request.hidden, "hidden", dtypes=frozenset({e.dtype}), rank=2)
