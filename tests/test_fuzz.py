@@ -33,6 +33,8 @@ from moe_serve.client import MoEClient
 from moe_serve.reference import ReferenceMoE
 from moe_serve.v1 import moe_pb2 as pb
 from tests.conftest import Cluster, alive, world
+from tests.test_wire import field as pb_field
+from tests.test_wire import varint
 
 pytestmark = pytest.mark.e2e
 
@@ -222,19 +224,6 @@ TARGETS = {
 }
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 # One float32 token of width 64 (the cluster's hidden size) as field 2, `hidden`, of both
 # InferRequest and ForwardRequest.
 TOKEN = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 64], data=b"\0" * 256).SerializeToString()
@@ -242,7 +231,7 @@ TOKEN = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 64], data=b"\0" * 256).Seria
 
 def _field_len(number: int, n: int) -> int:
     """Bytes of a length-delimited field with an n-byte payload."""
-    return len(_varint(number << 3 | 2)) + len(_varint(n)) + n
+    return len(varint(number << 3 | 2)) + len(varint(n)) + n
 
 
 def _fill(length: Any, total: int) -> int:
@@ -257,17 +246,17 @@ def _fill(length: Any, total: int) -> int:
 def padded(total: int) -> bytes:
     """A 1-token request whose Tensor carries padding up to `total` bytes."""
     n = _fill(lambda n: _field_len(2, len(TOKEN) + _field_len(15, n)), total)
-    return _field(2, TOKEN + _field(15, bytes(n)))
+    return pb_field(2, TOKEN + pb_field(15, bytes(n)))
 
 
 def unknown_field(total: int) -> bytes:
     """A 1-token request followed by an unknown field 9, `total` bytes in all."""
-    n = _fill(lambda n: len(_field(2, TOKEN)) + _field_len(9, n), total)
-    return _field(2, TOKEN) + _field(9, bytes(n))
+    n = _fill(lambda n: len(pb_field(2, TOKEN)) + _field_len(9, n), total)
+    return pb_field(2, TOKEN) + pb_field(9, bytes(n))
 
 
 REPEATED = b"\x08\x00" * (4 << 20)  # 8 MiB: 4 Mi fields `layer = 0`
-MILLION_DIMS = _field(2, b"\x08\x01" + _field(2, b"\x01" * 1_000_000) + _field(3, b""))
+MILLION_DIMS = pb_field(2, b"\x08\x01" + pb_field(2, b"\x01" * 1_000_000) + pb_field(3, b""))
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 TOO_LARGE = grpc.StatusCode.RESOURCE_EXHAUSTED
 # The sender may send what it likes; the servers' limits are what is tested.

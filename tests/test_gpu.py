@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,13 @@ def test_replicas_on_a_cuda_master_share_a_batch_and_match_the_reference(
     for w in config["workers"]:
         w["devices"], w["experts"] = ["cuda:0"], [0, 1]  # every expert on both workers
     cluster = cluster_factory(config)
+    # SERVING needs one live replica per expert: wait for the second worker too, so both
+    # replicas are idle and live when the batch is split.
+    with MoEClient(cluster.address) as client:
+        deadline = time.monotonic() + 30
+        while not all(w.healthy for w in client.info().workers):
+            assert time.monotonic() < deadline, "both workers did not come up in 30 s"
+            time.sleep(0.1)
     assert parity(cluster, tokens, 0) <= 1e-5  # the split is planned on cuda:0
     pairs = {
         w: total(scrape(cluster.metrics_url()), "moe_serve_worker_pairs_total", worker=w)
