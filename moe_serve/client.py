@@ -4,7 +4,8 @@
         y = client.infer(x, layer=0)                      # same shape, dtype, device as x
         y, routing = client.infer(x, layer=0, return_routing=True)
 
-Every failure raises `MoEServeError` with the gRPC status `code` and the server's message.
+Every failure raises `MoEServeError` with the gRPC status `code`, the server's message and,
+where the server gave one, its `reason` (moe_serve.errors.Reason).
 A master with TLS on is dialled with `MoEClient(address, tls=ClientTLS(ca="ca.pem"))`
 (plus `cert=`/`key=` under mutual TLS) and, with a bearer token, `token=...`.
 """
@@ -22,7 +23,7 @@ import grpc
 import torch
 
 from moe_serve.auth import metadata
-from moe_serve.errors import MoEError
+from moe_serve.errors import MoEError, Reason, reason_of
 from moe_serve.rpc import message_options, unary_call
 from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
 from moe_serve.tls import ClientTLS, aio_channel, channel
@@ -54,11 +55,13 @@ _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 class MoEServeError(Exception):
-    """A failed call: `code` is the grpc.StatusCode, `message` the server's explanation."""
+    """A failed call: `code` is the grpc.StatusCode, `message` the server's explanation,
+    `reason` the server's stable moe_serve.errors.Reason value (a str) for the failures a
+    caller may act on, e.g. "DRAINING", else None. Match on `reason`, not on `message`."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
         super().__init__(f"{code.name}: {message}")
-        self.code, self.message = code, message
+        self.code, self.message, self.reason = code, message, reason
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,9 @@ def _result(
 
 
 def _region_lost(exc: grpc.RpcError) -> bool:
-    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "region" in (exc.details() or "")
+    # The reason, never the message's words. A master older than reasons sends none: its
+    # "region not mapped" then surfaces as the error instead of a re-attach.
+    return reason_of(exc) == Reason.REGION_NOT_ATTACHED
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ def _info(msg: pb.MasterInfo) -> ServiceInfo:
 
 
 def _error(exc: grpc.RpcError) -> MoEServeError:
-    return MoEServeError(exc.code(), exc.details() or "")
+    return MoEServeError(exc.code(), exc.details() or "", reason_of(exc))
 
 
 class MoEClient:

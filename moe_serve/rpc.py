@@ -30,7 +30,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from moe_serve.auth import OPEN_PREFIXES, TokenCheck
-from moe_serve.errors import ConfigError, MoEError, WireError
+from moe_serve.errors import ConfigError, MoEError, Reason, WireError, reason_metadata
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import parse
 
@@ -51,7 +51,8 @@ class MalformedMessage:
 def error_boundary(
     method: Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[T]],
 ) -> Callable[[Any, Any, grpc.aio.ServicerContext], Coroutine[Any, Any, T]]:
-    """Wrap a servicer method: MoEError -> its status; anything else -> logged INTERNAL."""
+    """Wrap a servicer method: MoEError -> its status (and its reason as trailing metadata,
+    errors.Reason); anything else -> logged INTERNAL."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
@@ -60,11 +61,13 @@ def error_boundary(
         try:
             return await method(self, request, context)
         except MoEError as exc:
-            code, message = exc.code, str(exc)
+            code, message, reason = exc.code, str(exc), exc.reason
         except Exception:
             log.exception("unexpected error in %s", method.__qualname__)
             code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
-        await context.abort(code, message)
+            reason = None
+        # grpc.aio sends abort's trailing metadata with the status (tests/test_errors.py).
+        await context.abort(code, message, trailing_metadata=reason_metadata(reason))
         raise AssertionError("unreachable: abort raises")
 
     return wrapper
@@ -254,6 +257,7 @@ class Drain(grpc.aio.ServerInterceptor):
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"{self.who} is draining (shutting down): retry on another replica",
+            trailing_metadata=reason_metadata(Reason.DRAINING),
         )
 
     async def wait_idle(self, timeout_s: float) -> bool:

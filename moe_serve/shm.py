@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from moe_serve.errors import InvalidRequestError, MoEError
+from moe_serve.errors import InvalidRequestError, MoEError, Reason
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.wire import dtype_name, itemsize, pb_dtype, torch_dtype
 
@@ -103,6 +103,7 @@ class RegionNotAttachedError(MoEError):
     connection is new, or the region was never this caller's)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = Reason.REGION_NOT_ATTACHED  # the owner attaches again on it
 
 
 class _Blocks:

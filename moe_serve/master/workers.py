@@ -23,8 +23,10 @@ from moe_serve.dispatch import WorkerSlice
 from moe_serve.errors import (
     DeadlineError,
     MoEError,
+    Reason,
     RequestTooLargeError,
     WorkerUnavailableError,
+    reason_of,
 )
 from moe_serve.metrics import MasterMetrics
 from moe_serve.rpc import message_options, unary_call
@@ -196,8 +198,8 @@ class WorkerPool:
         self, sl: WorkerSlice, layer: int, exc: grpc.aio.AioRpcError, own_bound: bool
     ) -> MoEError:
         w = self.workers[sl.worker]
-        code, details = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "region" in details:
+        code, details, reason = exc.code(), exc.details() or "", reason_of(exc)
+        if reason == Reason.REGION_NOT_ATTACHED:
             return RegionLostError(details)
         experts = sorted(set(sl.pair_expert.tolist()))
         # Where the worker runs is for the operator: the log has its address and gRPC's own
@@ -205,6 +207,8 @@ class WorkerPool:
         # every address taken out (gRPC's often name the peer, e.g. "ipv4:10.0.0.12:50061").
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and not own_bound:
             level = logging.INFO  # the client's own deadline passed: routine
+        elif reason == Reason.DRAINING:
+            level = logging.INFO  # a planned departure (rolling restart): routine; still down
         elif code in _WORKER_DOWN or code in _WORKER_LIMITS:
             level = logging.WARNING
         else:
