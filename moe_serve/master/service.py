@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextvars
 import logging
 import math
 import time
@@ -37,11 +36,6 @@ from moe_serve.weights import open_weights
 from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, serialize, tensor_from_pb, tensor_to_pb
 
 log = logging.getLogger(__name__)
-
-# The connection (`context.peer()`) of the Infer call being decoded: its SharedTensors
-# resolve only among the regions that connection attached. Set by Infer in its own task
-# (asyncio gives each call a copy of the context), read by _decode and _output_view.
-_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("moe_serve_infer_caller")
 
 # Requests up to this size that arrive as bytes stay in host memory until their batch moves
 # to master.device in one copy.
@@ -77,9 +71,8 @@ class MasterService(pb_grpc.MoEMasterServicer):
     @error_boundary
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         start, code = time.perf_counter(), "INTERNAL"
-        _CALLER.set(context.peer())
         try:
-            reply = await self._infer(request, context.time_remaining())
+            reply = await self._infer(request, context.time_remaining(), context.peer())
             code = "OK"
             return reply
         except MoEError as exc:
@@ -91,9 +84,11 @@ class MasterService(pb_grpc.MoEMasterServicer):
             self.metrics.requests.labels(layer, code).inc()
             self.metrics.request_seconds.labels(layer).observe(time.perf_counter() - start)
 
-    async def _infer(self, request: pb.InferRequest, remaining_s: float | None) -> bytes:
-        layer, x = request.layer, self._decode(request)  # [T, H] model dtype, master device
-        target = self._output_view(request, x.shape)
+    async def _infer(self, request: pb.InferRequest, remaining_s: float | None, peer: str) -> bytes:
+        """`peer`: the calling connection; its SharedTensors resolve only among the regions
+        that connection attached."""
+        layer, x = request.layer, self._decode(request, peer)  # [T, H] model dtype, master dev.
+        target = self._output_view(request, x.shape, peer)
         # No client deadline: no overall bound; each worker call is still bounded by
         # master.worker_timeout_s (WorkerPool).
         timeout = math.inf if remaining_s is None else remaining_s
@@ -104,7 +99,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         if request.return_routing:
             reply.routing.CopyFrom(_routing_pb(r))
         if target is None:
-            return serialize(reply, {"output": out.to(self.dtype)})
+            return serialize(reply, {"output": out})  # already the model dtype (_compute)
         target.copy_(out)
         if target.is_cuda:
             # The client reads these bytes as soon as it has the reply, from another process.
@@ -332,11 +327,13 @@ class MasterService(pb_grpc.MoEMasterServicer):
         routings = [gate(t, losses=w) for t, w in zip(x.split(sizes), losses, strict=True)]
         return merge_routings(routings), routings
 
-    def _output_view(self, request: pb.InferRequest, shape: torch.Size) -> torch.Tensor | None:
+    def _output_view(
+        self, request: pb.InferRequest, shape: torch.Size, peer: str
+    ) -> torch.Tensor | None:
         if not request.HasField("output_shared"):
             return None
         view = self.client_regions.view(
-            _CALLER.get(""), request.output_shared, "output_shared", frozenset({self.dtype}), 2
+            peer, request.output_shared, "output_shared", frozenset({self.dtype}), 2
         )
         if view.shape != shape:
             raise InvalidRequestError(
@@ -356,7 +353,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         log.info("master: mapped a client's %d-byte region", region.size)
         return pb.AttachRegionReply(attached=True)
 
-    def _decode(self, request: pb.InferRequest) -> torch.Tensor:
+    def _decode(self, request: pb.InferRequest, peer: str) -> torch.Tensor:
         layers = self.cfg.model.moe_layers
         if request.layer not in self.gates:
             raise InvalidRequestError(
@@ -365,7 +362,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         shared = request.HasField("hidden_shared")
         if shared:
             x = self.client_regions.view(
-                _CALLER.get(""), request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2
+                peer, request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2
             )
             self.metrics.infer_transport.labels("shared").inc()
         else:
