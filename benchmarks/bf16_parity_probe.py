@@ -22,10 +22,10 @@ import yaml
 
 from moe_serve.client import MoEClient
 from moe_serve.config import load_config
-from moe_serve.demo import free_ports
-from moe_serve.experts import expert_forward
-from moe_serve.launcher import LocalCluster
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.experts import expert_forward
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.tools.demo import free_ports
+from moe_serve.tools.launcher import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 U = 2.0**-8  # bfloat16 unit roundoff

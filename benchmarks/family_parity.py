@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from moe_serve.client import MoEClient  # noqa: E402
 from moe_serve.config import load_config  # noqa: E402
-from moe_serve.demo import free_ports  # noqa: E402
-from moe_serve.launcher import LocalCluster  # noqa: E402
+from moe_serve.tools.demo import free_ports  # noqa: E402
+from moe_serve.tools.launcher import LocalCluster  # noqa: E402
 from tests import hf_models  # noqa: E402
 
 

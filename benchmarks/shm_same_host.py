@@ -24,8 +24,8 @@ import torch
 
 from moe_serve.client import MoEClient
 from moe_serve.config import load_config
-from moe_serve.launcher import LocalCluster
-from moe_serve.wire import DTYPE_NAMES
+from moe_serve.dtypes import DTYPE_NAMES
+from moe_serve.tools.launcher import LocalCluster
 
 
 def transports(port: int) -> dict[str, float]:

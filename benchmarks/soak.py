@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moe_serve.client import AsyncMoEClient, MoEServeError  # noqa: E402
-from moe_serve.demo import free_ports  # noqa: E402
-from moe_serve.launcher import is_serving  # noqa: E402
+from moe_serve.tools.demo import free_ports  # noqa: E402
+from moe_serve.tools.launcher import is_serving  # noqa: E402
 
 SIZES = (1, 1, 1, 4, 16, 64, 300)  # mostly decode steps, some prefill chunks
 

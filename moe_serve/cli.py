@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--address", help="host:port to check (default: the master of --config)")
     h.add_argument("--config", type=Path, help="world config whose security.tls to dial with")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
-    from moe_serve.planner import add_arguments  # stdlib imports only: cheap
+    from moe_serve.tools.planner import add_arguments  # stdlib imports only: cheap
 
     add_arguments(sub.add_parser("placement", help="plan a world config from a checkpoint"))
     return p
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _up(config: Path) -> int:
     from moe_serve.config import load_config
-    from moe_serve.launcher import ClusterError, LocalCluster
+    from moe_serve.tools.launcher import ClusterError, LocalCluster
 
     cluster = LocalCluster(config, load_config(config))
     # SIGTERM behaves like Ctrl-C: stop every child, exit 0.
@@ -92,8 +92,8 @@ def _up(config: Path) -> int:
 
 def _health(address: str | None, config: Path | None, timeout: float) -> int:
     from moe_serve.config import load_config
-    from moe_serve.launcher import dial_address, is_serving
-    from moe_serve.tls import ClientTLS
+    from moe_serve.tools.launcher import dial_address, is_serving
+    from moe_serve.transport.tls import ClientTLS
 
     cfg = None if config is None else load_config(config)
     if address is None:
@@ -124,12 +124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "up":
             return _up(args.config)
         elif args.command == "demo":
-            from moe_serve.demo import run
+            from moe_serve.tools.demo import run
 
             return run(args.devices, args.requests)
         elif args.command == "bench":
-            from moe_serve.bench import run as bench_run
             from moe_serve.config import load_config
+            from moe_serve.tools.bench import run as bench_run
 
             bench_run(
                 args.config,
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "health":
             return _health(args.address, args.config, args.timeout)
         elif args.command == "placement":
-            from moe_serve.planner import main as placement_main
+            from moe_serve.tools.planner import main as placement_main
 
             return placement_main(args)
     except ConfigError as exc:

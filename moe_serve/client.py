@@ -22,14 +22,15 @@ from typing import Any, Self
 import grpc
 import torch
 
-from moe_serve.auth import metadata
+from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import MoEError, Reason, reason_of
-from moe_serve.rpc import message_options, unary_call
-from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
-from moe_serve.tls import ClientTLS, aio_channel, channel
+from moe_serve.transport.auth import metadata
+from moe_serve.transport.calls import message_options, unary_call
+from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
+from moe_serve.transport.tls import ClientTLS, aio_channel, channel
+from moe_serve.transport.wire import Parsed, itemsize, serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import DTYPE_NAMES, Parsed, itemsize, serialize, tensor_from_pb
 
 __all__ = [
     "AsyncMoEClient",
@@ -162,7 +163,7 @@ class _Lease:
 
 
 class _SharedPath:
-    """The client's side of shared memory with a master on its host (moe_serve.shm).
+    """The client's side of shared memory with a master on its host (moe_serve.transport.shm).
 
     The region is made on the first request large enough to gain from it, on that
     request's device (a sealed memfd, or CUDA IPC memory of a GPU), and offered to the

@@ -211,7 +211,9 @@ def _check_device_syntax(v: str) -> str:
 
 
 class TLSConfig(_Frozen):
-    """TLS on every gRPC port: PEM files each process reads on its own machine (moe_serve.tls)."""
+    """TLS on every gRPC port: PEM files each process reads on its own machine.
+
+    Used by moe_serve.transport.tls."""
 
     # This process's certificate chain and private key: servers present them; under
     # client_auth the master presents them to its workers too.

@@ -1,7 +1,7 @@
 """Domain exceptions and the gRPC status code each one becomes at the edge.
 
 Code inside the package raises these; the servicers' error boundary
-(`moe_serve.rpc.error_boundary`) turns them into statuses whose message names
+(`moe_serve.transport.server.error_boundary`) turns them into statuses whose message names
 the field and the expected value. Anything else is a bug and becomes INTERNAL.
 
 An error a caller acts on (rather than reports) also has a `Reason`, sent with the status

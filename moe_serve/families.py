@@ -2,7 +2,7 @@
 
 Read from `model_type` and the on-disk key layout of Hugging Face checkpoints (one
 tensor per expert projection), not from transformers' in-memory modules, which fuse
-the experts. Only config.json is read here; tensors are read by moe_serve.checkpoint.
+the experts. Only config.json is read here; tensors are read by moe_serve.weights.checkpoint.
 """
 
 from __future__ import annotations

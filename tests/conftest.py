@@ -16,9 +16,9 @@ import pytest
 import yaml
 
 from moe_serve.config import WorldConfig, parse_config
-from moe_serve.demo import free_ports
-from moe_serve.launcher import is_serving
-from moe_serve.tls import ClientTLS
+from moe_serve.tools.demo import free_ports
+from moe_serve.tools.launcher import is_serving
+from moe_serve.transport.tls import ClientTLS
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from moe_serve.client import MoEClient
-from moe_serve.reference import ReferenceMoE
-from moe_serve.shm import ALIGN, SharedRegion
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.transport.shm import ALIGN, SharedRegion
+from moe_serve.transport.wire import tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import tensor_from_pb
 from tests.conftest import Cluster, alive, world
 from tests.test_metrics import scrape, total
 
@@ -450,7 +450,7 @@ def test_truncatable_file_is_refused_and_truncating_it_kills_nothing(
 
 CROWD = """
 import sys, grpc, torch
-from moe_serve.shm import SharedRegion
+from moe_serve.transport.shm import SharedRegion
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 replies = []
 regions = [SharedRegion(64 << 10, torch.device("cpu")) for _ in range(int(sys.argv[2]))]

@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from moe_serve.auth import load_token, load_tokens, load_worker_token, metadata
 from moe_serve.client import MoEClient, MoEServeError
 from moe_serve.config import SecurityConfig
 from moe_serve.errors import ConfigError
-from moe_serve.launcher import is_serving
+from moe_serve.tools.launcher import is_serving
+from moe_serve.transport.auth import load_token, load_tokens, load_worker_token, metadata
+from moe_serve.transport.wire import tensor_to_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import tensor_to_pb
 from tests.conftest import Cluster, start_up, stop_up, world
 
 TOKEN = "s3cret-token-for-tests"

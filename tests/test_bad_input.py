@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from moe_serve.client import MoEClient, MoEServeError
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.transport.wire import tensor_to_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import tensor_to_pb
 from tests.conftest import Cluster, world
 from tests.conftest import alive as _alive
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from moe_serve.bench import InProcessMoE, flops_per_token
 from moe_serve.config import parse_config
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.tools.bench import InProcessMoE, flops_per_token
 from tests.conftest import world
 
 SUMMARY_KEYS = {

@@ -18,11 +18,11 @@ from moe_serve.client import MoEClient
 from moe_serve.config import BatchingConfig, ModelConfig, RoutingConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError, RequestTooLargeError
 from moe_serve.metrics import WorkerMetrics
-from moe_serve.rpc import message_options
+from moe_serve.transport.calls import message_options
+from moe_serve.transport.wire import tensor_to_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.weights import SyntheticWeights
-from moe_serve.wire import tensor_to_pb
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 from tests.conftest import Cluster, world

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moe_serve.checkpoint import CheckpointWeights, weight_map
 from moe_serve.config import parse_config
 from moe_serve.errors import ConfigError
+from moe_serve.weights.checkpoint import CheckpointWeights, weight_map
 from tests.conftest import start_up, stop_up, world
 
 H, F, E = 256, 4096, 8

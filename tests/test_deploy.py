@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_serve.client import MoEClient
 from moe_serve.config import WorldConfig, load_config, parse_address
-from moe_serve.demo import free_ports
+from moe_serve.tools.demo import free_ports
 from tests.conftest import Cluster, world
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moe_serve.config import RoutingConfig
-from moe_serve.dispatch import WorkerSlice, combine, dispatch
-from moe_serve.gating import Routing, route
+from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch
+from moe_serve.layer.gating import Routing, route
 
 H, E, W = 16, 8, 3
 ATOL = 1e-6

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_serve.client import MoEClient
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
 from tests.conftest import Cluster, world
 
 pytestmark = pytest.mark.e2e

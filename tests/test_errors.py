@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError, _region_lost
-from moe_serve.dispatch import dispatch
 from moe_serve.errors import (
     REASON_KEY,
     ConfigError,
@@ -22,9 +21,10 @@ from moe_serve.errors import (
     Reason,
     WorkerUnavailableError,
 )
+from moe_serve.layer.dispatch import dispatch
 from moe_serve.master.workers import RegionLostError
-from moe_serve.rpc import error_boundary, serve_service
-from moe_serve.shm import MIN_SHARED_BYTES, RegionNotAttachedError, RegionTable
+from moe_serve.transport.server import error_boundary, serve_service
+from moe_serve.transport.shm import MIN_SHARED_BYTES, RegionNotAttachedError, RegionTable
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.worker.service import WorkerService

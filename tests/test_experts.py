@@ -10,7 +10,7 @@ import torch
 
 from moe_serve.config import ModelConfig, RoutingConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError
-from moe_serve.experts import ExpertStack, expert_forward, grouped_forward
+from moe_serve.layer.experts import ExpertStack, expert_forward, grouped_forward
 from moe_serve.weights import GLU_KEYS, MLP_KEYS, ExpertWeights, SyntheticWeights
 from moe_serve.worker.engine import WorkerEngine
 

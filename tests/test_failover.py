@@ -29,15 +29,15 @@ import yaml
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.config import WorldConfig, parse_config
-from moe_serve.dispatch import combine, dispatch
 from moe_serve.errors import DeadlineError, WorkerUnavailableError
-from moe_serve.launcher import is_serving
+from moe_serve.layer.dispatch import combine, dispatch
+from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.master import workers as master_workers
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics, WorkerMetrics
-from moe_serve.reference import ReferenceMoE
-from moe_serve.rpc import Served, serve_service
+from moe_serve.tools.launcher import is_serving
+from moe_serve.transport.server import Served, serve_service
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 from moe_serve.worker.server import build_engine

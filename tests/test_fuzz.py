@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_serve.client import MoEClient
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.v1 import moe_pb2 as pb
 from tests.conftest import Cluster, alive, world
 from tests.test_wire import field as pb_field

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_serve.config import RoutingConfig
-from moe_serve.gating import (
+from moe_serve.layer.gating import (
     capacity_mask,
     expert_capacity,
     gate_scores,

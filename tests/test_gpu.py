@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from moe_serve.client import MoEClient
-from moe_serve.demo import free_ports
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.tools.demo import free_ports
 from tests.conftest import Cluster
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
@@ -115,8 +115,8 @@ def test_cuda_master_workers_and_client_share_device_memory(cluster_factory: Any
 def test_wire_pinned_staging_has_no_cross_talk_between_threads() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    from moe_serve.transport.wire import parse, serialize, tensor_from_pb
     from moe_serve.v1 import moe_pb2 as pb
-    from moe_serve.wire import parse, serialize, tensor_from_pb
 
     def round_trip(i: int) -> bool:
         ok = True
@@ -132,8 +132,8 @@ def test_wire_pinned_staging_has_no_cross_talk_between_threads() -> None:
 
 
 def test_wire_stages_every_cuda_tensor_of_a_message_in_its_own_bytes() -> None:
+    from moe_serve.transport.wire import parse, serialize, tensor_from_pb
     from moe_serve.v1 import moe_pb2 as pb
-    from moe_serve.wire import parse, serialize, tensor_from_pb
 
     tensors = {
         "hidden": torch.randn(33, 512, device="cuda:0").to(torch.bfloat16),
@@ -149,7 +149,7 @@ def test_wire_stages_every_cuda_tensor_of_a_message_in_its_own_bytes() -> None:
 @pytest.mark.parametrize("kind", ["glu", "mlp"])
 def test_grouped_gemm_on_cuda_matches_the_per_expert_loop_in_bfloat16(kind: str) -> None:
     from moe_serve.config import ModelConfig, RoutingConfig
-    from moe_serve.experts import ExpertStack, grouped_forward
+    from moe_serve.layer.experts import ExpertStack, grouped_forward
     from moe_serve.weights import SyntheticWeights
 
     m = ModelConfig(hidden_size=512, expert_ffn_size=1024, num_experts=8, expert_kind=kind)
@@ -171,7 +171,7 @@ def test_grouped_gemm_on_cuda_matches_the_per_expert_loop_in_bfloat16(kind: str)
 
 def test_small_batch_cuda_graphs_match_the_eager_forward() -> None:
     from moe_serve.config import ModelConfig, RoutingConfig
-    from moe_serve.experts import ExpertStack, SmallBatchGraphs, grouped_forward
+    from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward
     from moe_serve.weights import SyntheticWeights
 
     m = ModelConfig(hidden_size=512, expert_ffn_size=1024, num_experts=4, expert_kind="glu")
@@ -233,7 +233,7 @@ def test_replicas_on_a_cuda_master_share_a_batch_and_match_the_reference(
 # 1024 floats at OUT goes to stderr.
 CUDA_OWNER = """
 import os, sys, torch
-from moe_serve.shm import ALIGN, SharedRegion
+from moe_serve.transport.shm import ALIGN, SharedRegion
 OUT = ALIGN + 4096
 r = SharedRegion(4 << 20, torch.device("cuda:0"))
 r.view(ALIGN, torch.float32, (1024,)).copy_(torch.arange(1024.0, device="cuda:0"))
@@ -263,7 +263,7 @@ def _cuda_owner() -> tuple[Any, Any]:
 
 
 def test_cuda_region_round_trip_between_processes() -> None:
-    from moe_serve.shm import ALIGN, MappedRegion
+    from moe_serve.transport.shm import ALIGN, MappedRegion
     from moe_serve.v1 import moe_pb2 as pb
 
     needs_gpus(1)
@@ -292,7 +292,7 @@ def test_cuda_region_round_trip_between_processes() -> None:
     "change", [{"offset": 4 << 20}, {"size": 64 << 20}, {"offset": 2 << 20, "size": 3 << 20}]
 )
 def test_cuda_descriptor_past_its_allocation_is_refused(change: dict[str, int]) -> None:
-    from moe_serve.shm import MappedRegion, RegionTable, SharedMemoryError
+    from moe_serve.transport.shm import MappedRegion, RegionTable, SharedMemoryError
 
     needs_gpus(1)
     owner, offer = _cuda_owner()

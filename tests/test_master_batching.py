@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
 from tests.conftest import Cluster, world
 from tests.test_metrics import scrape, total
 

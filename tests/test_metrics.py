@@ -19,7 +19,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_serve.client import MoEClient, MoEServeError
-from moe_serve.demo import free_ports
+from moe_serve.tools.demo import free_ports
 from tests.conftest import Cluster, world
 
 pytestmark = pytest.mark.e2e

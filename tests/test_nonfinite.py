@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.weights import SyntheticWeights
 from tests.conftest import Cluster, alive, world
 from tests.test_metrics import scrape, total

@@ -7,8 +7,8 @@ from collections import Counter
 import torch
 
 from moe_serve.config import parse_config
-from moe_serve.dispatch import WorkerSlice, regroup
-from moe_serve.placement import Placement, plan_owners, water_fill
+from moe_serve.layer.dispatch import WorkerSlice, regroup
+from moe_serve.layer.placement import Placement, plan_owners, water_fill
 from tests.conftest import world
 
 # Expert 0 on w0 only, expert 1 on w0 and w1, expert 2 on w1 and w2.

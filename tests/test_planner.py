@@ -22,8 +22,8 @@ import yaml
 from moe_serve.cli import main as cli_main
 from moe_serve.config import load_config
 from moe_serve.errors import ConfigError
-from moe_serve.placement import Placement, device_assignment
-from moe_serve.planner import (
+from moe_serve.layer.placement import Placement, device_assignment
+from moe_serve.tools.planner import (
     ExpertSizes,
     Plan,
     WorkerSpec,
@@ -180,7 +180,7 @@ def test_plan_is_deterministic(sizes: ExpertSizes, trace_file: Path) -> None:
 
 
 def test_output_loads_and_serves_the_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
-    from moe_serve.checkpoint import CheckpointWeights
+    from moe_serve.weights.checkpoint import CheckpointWeights
 
     code, out = placement(checkpoint, tmp_path)
     assert code == 0

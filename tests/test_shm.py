@@ -22,8 +22,8 @@ import torch
 
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.errors import InvalidRequestError
-from moe_serve.reference import ReferenceMoE
-from moe_serve.shm import (
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.transport.shm import (
     ALIGN,
     MappedRegion,
     RegionNotAttachedError,

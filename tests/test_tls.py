@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from moe_serve.auth import metadata
 from moe_serve.client import AsyncMoEClient, ClientTLS, MoEClient, MoEServeError
 from moe_serve.config import TLSConfig, parse_config
 from moe_serve.errors import ConfigError
-from moe_serve.launcher import is_serving
-from moe_serve.reference import ReferenceMoE
-from moe_serve.tls import channel as tls_channel
-from moe_serve.tls import check, server_credentials
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.tools.launcher import is_serving
+from moe_serve.transport.auth import metadata
+from moe_serve.transport.tls import channel as tls_channel
+from moe_serve.transport.tls import check, server_credentials
 from moe_serve.v1 import moe_pb2 as pb
 from tests.conftest import Cluster, start_up, stop_up, world
 

@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_serve.errors import InvalidRequestError, WireError
-from moe_serve.v1 import moe_pb2 as pb
-from moe_serve.wire import (
+from moe_serve.transport.wire import (
     ALIGN,
     MAX_FIELDS,
     MAX_RANK,
@@ -24,6 +23,7 @@ from moe_serve.wire import (
     tensor_from_pb,
     tensor_to_pb,
 )
+from moe_serve.v1 import moe_pb2 as pb
 
 WIRE_DTYPES: list[torch.dtype] = [
     torch.float32,

@@ -25,7 +25,7 @@ import torch
 from moe_serve.budget import TokenBudget
 from moe_serve.config import MasterConfig
 from moe_serve.errors import MoEError
-from moe_serve.gating import Routing
+from moe_serve.layer.gating import Routing
 from moe_serve.metrics import MasterMetrics
 
 # What one call of a pass gets: its (output, routing), or the error of that call alone.

@@ -6,14 +6,20 @@ import logging
 
 import torch
 
-from moe_serve.auth import load_tokens
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics, start_exporter
-from moe_serve.rpc import keep_large_allocations, run, serve_service, set_serving, wait_for_signal
-from moe_serve.tls import check as check_tls
-from moe_serve.tls import server_credentials
+from moe_serve.transport.auth import load_tokens
+from moe_serve.transport.server import (
+    keep_large_allocations,
+    run,
+    serve_service,
+    set_serving,
+    wait_for_signal,
+)
+from moe_serve.transport.tls import check as check_tls
+from moe_serve.transport.tls import server_credentials
 
 log = logging.getLogger("moe_serve.master")
 

@@ -15,25 +15,26 @@ import grpc
 import torch
 
 from moe_serve.config import WorldConfig
-from moe_serve.dispatch import WorkerSlice, combine, dispatch, regroup
+from moe_serve.dtypes import DTYPE_NAMES, FLOAT_DTYPES
 from moe_serve.errors import (
     InvalidRequestError,
     MoEError,
     RequestTooLargeError,
     WorkerUnavailableError,
 )
-from moe_serve.experts import load_shared, shared_forward
-from moe_serve.gating import Gate, Routing, merge_routings, routing_to, split_routing
+from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch, regroup
+from moe_serve.layer.experts import load_shared, shared_forward
+from moe_serve.layer.gating import Gate, Routing, merge_routings, routing_to, split_routing
+from moe_serve.layer.placement import Owners, Placement, plan_owners
 from moe_serve.master.batcher import InferBatcher, Outcome
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
-from moe_serve.placement import Owners, Placement, plan_owners
-from moe_serve.rpc import error_boundary
-from moe_serve.shm import RegionTable, SharedMemoryError
+from moe_serve.transport.server import error_boundary
+from moe_serve.transport.shm import RegionTable, SharedMemoryError
+from moe_serve.transport.wire import serialize, tensor_from_pb, tensor_to_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES, FLOAT_DTYPES, serialize, tensor_from_pb, tensor_to_pb
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The master's side of the workers: one channel each, health tracking, Forward calls.
 
-A worker on the master's host that has mapped the master's shared region (moe_serve.shm)
+A worker on the master's host that has mapped the master's shared region (moe_serve.transport.shm)
 gets its tokens and writes its partial sums in place; every other call carries bytes.
 """
 
@@ -17,9 +17,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_serve.auth import metadata
 from moe_serve.config import WorldConfig
-from moe_serve.dispatch import WorkerSlice
 from moe_serve.errors import (
     DeadlineError,
     MoEError,
@@ -28,13 +26,15 @@ from moe_serve.errors import (
     WorkerUnavailableError,
     reason_of,
 )
+from moe_serve.layer.dispatch import WorkerSlice
 from moe_serve.metrics import MasterMetrics
-from moe_serve.rpc import message_options, unary_call
-from moe_serve.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
-from moe_serve.tls import ClientTLS, aio_channel
+from moe_serve.transport.auth import metadata
+from moe_serve.transport.calls import message_options, unary_call
+from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
+from moe_serve.transport.tls import ClientTLS, aio_channel
+from moe_serve.transport.wire import serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import serialize, tensor_from_pb
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import time
 import torch
 
 from moe_serve.config import ModelConfig, WorkerConfig
+from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import InvalidRequestError
-from moe_serve.experts import ExpertStack, SmallBatchGraphs, grouped_forward
-from moe_serve.placement import device_assignment
+from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward
+from moe_serve.layer.placement import device_assignment
 from moe_serve.weights import WeightSource
-from moe_serve.wire import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 

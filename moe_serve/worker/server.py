@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from moe_serve.auth import load_worker_token
 from moe_serve.config import WorldConfig, check_devices_exist
 from moe_serve.metrics import WorkerMetrics, start_exporter
-from moe_serve.rpc import keep_large_allocations, run, serve_service, wait_for_signal
-from moe_serve.tls import check as check_tls
-from moe_serve.tls import server_credentials
+from moe_serve.transport.auth import load_worker_token
+from moe_serve.transport.server import keep_large_allocations, run, serve_service, wait_for_signal
+from moe_serve.transport.tls import check as check_tls
+from moe_serve.transport.tls import server_credentials
 from moe_serve.weights import open_weights
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine

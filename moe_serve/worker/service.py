@@ -8,11 +8,11 @@ import grpc
 import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError
-from moe_serve.rpc import error_boundary
-from moe_serve.shm import RegionTable, SharedMemoryError
+from moe_serve.transport.server import error_boundary
+from moe_serve.transport.shm import RegionTable, SharedMemoryError
+from moe_serve.transport.wire import dtype_name, serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from moe_serve.wire import dtype_name, serialize, tensor_from_pb
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 

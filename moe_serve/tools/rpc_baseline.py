@@ -7,7 +7,7 @@ sending that expert's token slice: a token picked by k experts travels k times, 
 seed. Tensors travel on the CPU and move to the expert's device inside the remote call,
 as the seed does (TensorPipe device maps would need every rank's devices declared up front).
 
-    python benchmarks/torch_rpc_baseline.py --config deploy/examples/quickstart.yaml \
+    python -m moe_serve.tools.rpc_baseline --config deploy/examples/quickstart.yaml \
         --tokens 1 8 64 --iters 20
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,14 +25,12 @@ import torch
 import torch.distributed.rpc as rpc
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from moe_serve.config import ModelConfig, RoutingConfig, WorldConfig
-from moe_serve.experts import expert_forward
-from moe_serve.gating import Gate
-from moe_serve.reference import ReferenceMoE
+from moe_serve.dtypes import DTYPE_NAMES
+from moe_serve.layer.experts import expert_forward
+from moe_serve.layer.gating import Gate
+from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES
 
 JOIN_TIMEOUT_S = 300.0
 

@@ -1,9 +1,7 @@
-"""Where weights come from: a checkpoint directory, or seeded synthetic weights.
+"""Seeded synthetic weights: a pure function of (seed, layer, expert).
 
-`open_weights` picks the source; master, workers and the in-process reference all
-read through it, so each process loads only what it serves. Synthetic weights are
-a pure function of (seed, layer, expert): any process rebuilds the same tensors
-from the config alone. Tensors come back on the CPU in the source's dtype.
+Any process rebuilds the same tensors from the config alone, so a world without a
+checkpoint needs no files: master, workers and the reference agree bit for bit.
 """
 
 from __future__ import annotations
@@ -11,45 +9,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
 from moe_serve.config import ModelConfig, RoutingConfig
-
-ExpertWeights = dict[str, torch.Tensor]
-
-MLP_KEYS = ("fc1", "fc1_bias", "fc2", "fc2_bias")
-GLU_KEYS = ("gate", "up", "down")
-
-
-class WeightSource(Protocol):
-    """Read access to one model's MoE weights."""
-
-    def router(self, layer: int) -> torch.Tensor:
-        """Router weight [E, H]."""
-        ...
-
-    def correction_bias(self, layer: int) -> torch.Tensor | None:
-        """Selection-only score bias [E], or None."""
-        ...
-
-    def experts(self, layer: int, ids: Sequence[int]) -> list[ExpertWeights]:
-        """Weights of routed experts `ids` of `layer` (mlp or glu keys)."""
-        ...
-
-    def shared_expert(self, layer: int) -> ExpertWeights | None:
-        """GLU weights of the layer's shared experts (+ "shared_gate" [1, H]), or None."""
-        ...
-
-
-def open_weights(model: ModelConfig, routing: RoutingConfig) -> WeightSource:
-    """The checkpoint's weights if `model.checkpoint` is set, else synthetic ones."""
-    if model.checkpoint is not None:
-        from moe_serve.checkpoint import CheckpointWeights
-
-        return CheckpointWeights(model, routing)
-    return SyntheticWeights(model, routing)
+from moe_serve.weights.source import ExpertWeights
 
 
 def _generator(*key: object) -> torch.Generator:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from moe_serve.auth import load_token
 from moe_serve.client import MoEClient
 from moe_serve.config import load_config
-from moe_serve.launcher import LocalCluster
-from moe_serve.reference import ReferenceMoE
+from moe_serve.layer.reference import ReferenceMoE
+from moe_serve.tools.launcher import LocalCluster
+from moe_serve.transport.auth import load_token
 
 TOLERANCE = {"cpu": 1e-5, "cuda": 1e-4}  # fp32; GPU kernels sum in a different order
 PARITY_TOKENS = (1, 7, 64, 256)

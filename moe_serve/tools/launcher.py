@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.config import WorldConfig, parse_address
-from moe_serve.tls import ClientTLS, channel
+from moe_serve.transport.tls import ClientTLS, channel
 
 
 class ClusterError(RuntimeError):

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from moe_serve.config import ModelConfig, RoutingConfig
 from moe_serve.families import CheckpointError, Layout, read_layout
-from moe_serve.weights import ExpertWeights
+from moe_serve.weights.source import ExpertWeights
 
 log = logging.getLogger(__name__)
 

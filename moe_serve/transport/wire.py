@@ -32,7 +32,7 @@ from moe_serve.errors import WireError
 from moe_serve.v1 import moe_pb2 as pb
 
 if sys.byteorder != "little":  # the wire format is little-endian and we copy raw memory
-    raise ImportError("moe_serve.wire needs a little-endian host")
+    raise ImportError("moe_serve.transport.wire needs a little-endian host")
 
 _TO_PB: dict[torch.dtype, int] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -50,14 +50,7 @@ _FROM_PB: dict[int, torch.dtype] = {v: k for k, v in _TO_PB.items()}
 # decode of a small tensor, and is not thread-safe.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 _ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _FROM_PB.values()}
-FLOAT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 MAX_RANK = 8
-
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def pb_dtype(dtype: torch.dtype) -> int:

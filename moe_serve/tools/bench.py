@@ -3,7 +3,7 @@
 One process tree, one run, the world config's weights and devices for all three:
 (a) the in-process MoE (gate and experts where the config puts them, no network),
 (b) moe_serve through the SDK (master + workers started like `moe-serve up`),
-(c) a torch.distributed.rpc baseline in the style of seed 004 (benchmarks/torch_rpc_baseline.py).
+(c) a torch.distributed.rpc baseline in the style of seed 004 (moe_serve/tools/rpc_baseline.py).
 Then a concurrency sweep at T=1 and the wire codec's GB/s. Prints a table as it goes,
 writes JSON (and a PNG plot when matplotlib is installed).
 Legend: T tokens per request, H hidden, F expert FFN, K top_k.
@@ -12,7 +12,6 @@ Legend: T tokens per request, H hidden, F expert FFN, K top_k.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import os
 import platform
@@ -27,25 +26,25 @@ from typing import Any
 
 import torch
 
-from moe_serve.auth import load_token
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
-from moe_serve.dispatch import combine, dispatch
-from moe_serve.experts import load_shared, shared_forward
-from moe_serve.gating import Gate
-from moe_serve.launcher import LocalCluster
+from moe_serve.dtypes import DTYPE_NAMES
+from moe_serve.layer.dispatch import combine, dispatch
+from moe_serve.layer.experts import load_shared, shared_forward
+from moe_serve.layer.gating import Gate
+from moe_serve.layer.placement import Placement
 from moe_serve.metrics import local_url
-from moe_serve.placement import Placement
-from moe_serve.rpc import keep_large_allocations
-from moe_serve.tls import ClientTLS
+from moe_serve.tools.launcher import LocalCluster
+from moe_serve.transport.auth import load_token
+from moe_serve.transport.server import keep_large_allocations
+from moe_serve.transport.tls import ClientTLS
+from moe_serve.transport.wire import parse, serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES, parse, serialize, tensor_from_pb
 from moe_serve.worker.engine import WorkerEngine
 
 TOKENS = (1, 8, 64, 512, 4096)
 CLIENTS = (1, 2, 4, 8, 16, 32, 64)
-RPC_BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_rpc_baseline.py"
 
 
 def _sync() -> None:
@@ -328,13 +327,10 @@ def wire_gbps(device: str, iters: int = 10) -> dict[str, float]:
 
 
 def _torch_rpc(cfg: WorldConfig, layer: int, tokens: Sequence[int], iters: int) -> Any:
-    if not RPC_BASELINE.exists():
-        print("  (benchmarks/torch_rpc_baseline.py not found: run from a clone to include it)")
-        return None
-    # Imported by name from sys.path, so that its spawned ranks can import it too.
-    sys.path.insert(0, str(RPC_BASELINE.parent))
-    module = importlib.import_module(RPC_BASELINE.stem)
-    return module.measure_torch_rpc(cfg, layer, list(tokens), iters)
+    # Imported here: torch.distributed.rpc costs ~1 s to import and only this baseline uses it.
+    from moe_serve.tools.rpc_baseline import measure_torch_rpc
+
+    return measure_torch_rpc(cfg, layer, list(tokens), iters)
 
 
 def device_info() -> dict[str, Any]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from moe_serve.config import ModelConfig, RoutingConfig
-from moe_serve.experts import expert_forward, load_shared, shared_forward
-from moe_serve.gating import Gate, Routing
+from moe_serve.dtypes import DTYPE_NAMES
+from moe_serve.layer.experts import expert_forward, load_shared, shared_forward
+from moe_serve.layer.gating import Gate, Routing
 from moe_serve.weights import open_weights
-from moe_serve.wire import DTYPE_NAMES
 
 
 class ReferenceMoE:

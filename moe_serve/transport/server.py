@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by the master and the workers.
+"""The gRPC server every moe_serve process runs, and the process around it.
 
 - `error_boundary`: domain exceptions -> status codes whose message names the field.
 - `serve_service`: a grpc.aio server with the service, health and reflection, the
@@ -6,10 +6,10 @@
   cost bounded whatever the message's size) that answers unparsable or oversized-for-its-
   tensors bytes with INVALID_ARGUMENT (grpcio's default answer would be INTERNAL);
   `Served.shutdown` drains it.
-- `unary_call`: a client call that sends `wire.serialize` bytes and parses the reply
-  with `wire.parse`, so tensors skip protobuf's copies both ways.
 - `keep_large_allocations`: glibc tuning so that message-sized buffers are reused.
 - `run`: the event loop (uvloop where available) with SIGTERM/SIGINT handling.
+
+The client side of a call is `moe_serve.transport.calls`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from moe_serve.auth import OPEN_PREFIXES, TokenCheck
 from moe_serve.errors import ConfigError, MoEError, Reason, WireError, reason_metadata
+from moe_serve.transport.auth import OPEN_PREFIXES, TokenCheck
+from moe_serve.transport.calls import message_options
+from moe_serve.transport.wire import parse
 from moe_serve.v1 import moe_pb2 as pb
-from moe_serve.wire import parse
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,6 @@ def _generic_handler(service_name: str, servicer: object) -> grpc.GenericRpcHand
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-def unary_call(
-    channel: grpc.Channel | grpc.aio.Channel, service: str, method: str, reply_type: type[M]
-) -> Callable[..., Any]:
-    """`channel`'s multicallable for moe_serve.v1.`service`/`method`: it takes the request
-    as serialized bytes and returns the reply parsed by wire.parse as a trusted reply (its
-    routing tensors, nested, go to protobuf; see wire.parse)."""
-    return channel.unary_unary(
-        f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}",
-        request_serializer=None,  # the caller passes wire.serialize's bytes
-        response_deserializer=functools.partial(parse, reply_type, trusted=True),
-    )
-
-
 def keep_large_allocations() -> None:
     """Let glibc reuse freed message-sized blocks instead of returning them to the OS.
 
@@ -137,14 +124,6 @@ def keep_large_allocations() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's mallopt parameter numbers
     libc.mallopt(m_mmap_threshold, 1 << 30)
     libc.mallopt(m_trim_threshold, (1 << 31) - 1)
-
-
-def message_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Channel/server options: message size limits; gRPC compression stays off by default."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ]
 
 
 # Connection limits of every moe_serve server (master and workers); docs/operations.md lists
@@ -322,7 +301,7 @@ async def serve_service(
     `field` names the config key of the address for the error when it cannot be bound.
     Health reports SERVING at once if `serving`, else NOT_SERVING until the caller sets it.
     With `token`, every call but health and reflection must carry it (auth.TokenCheck).
-    With `credentials` the port speaks TLS only (moe_serve.tls); without, plaintext.
+    With `credentials` the port speaks TLS only (moe_serve.transport.tls); without, plaintext.
     """
     options = server_options(max_message_bytes)
     drain = Drain(who)

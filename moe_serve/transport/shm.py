@@ -57,8 +57,8 @@ import grpc
 import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError, Reason
+from moe_serve.transport.wire import dtype_name, itemsize, pb_dtype, torch_dtype
 from moe_serve.v1 import moe_pb2 as pb
-from moe_serve.wire import dtype_name, itemsize, pb_dtype, torch_dtype
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve.gating import Routing
-from moe_serve.placement import Owners
+from moe_serve.layer.gating import Routing
+from moe_serve.layer.placement import Owners
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 
-from moe_serve import rpc
 from moe_serve.master.workers import _CHANNEL_OPTIONS
-from moe_serve.rpc import serve_service
+from moe_serve.transport import server as transport_server
+from moe_serve.transport.server import serve_service
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 
@@ -35,7 +35,7 @@ class Held:
 
 
 def _options() -> dict[str, int]:
-    return dict(rpc.server_options(1 << 20))
+    return dict(transport_server.server_options(1 << 20))
 
 
 def test_one_connection_runs_at_most_max_concurrent_streams_calls_and_queues_the_rest() -> None:
@@ -49,10 +49,10 @@ def test_one_connection_runs_at_most_max_concurrent_streams_calls_and_queues_the
                 stub = pb_grpc.MoEMasterStub(channel)
                 calls = [
                     asyncio.ensure_future(stub.GetInfo(pb.GetInfoRequest(), timeout=60))
-                    for _ in range(rpc.MAX_CONCURRENT_STREAMS + extra)
+                    for _ in range(transport_server.MAX_CONCURRENT_STREAMS + extra)
                 ]
                 for _ in range(500):  # until the server holds as many calls as it will
-                    if held.running >= rpc.MAX_CONCURRENT_STREAMS:
+                    if held.running >= transport_server.MAX_CONCURRENT_STREAMS:
                         break
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.3)  # room for any call beyond the limit to show up
@@ -64,8 +64,8 @@ def test_one_connection_runs_at_most_max_concurrent_streams_calls_and_queues_the
         return most, [r.hidden_size for r in replies]
 
     most, replies = asyncio.run(main())
-    assert most == rpc.MAX_CONCURRENT_STREAMS
-    assert replies == [7] * (rpc.MAX_CONCURRENT_STREAMS + extra)  # queued, not refused
+    assert most == transport_server.MAX_CONCURRENT_STREAMS
+    assert replies == [7] * (transport_server.MAX_CONCURRENT_STREAMS + extra)  # queued, not refused
 
 
 def test_servers_accept_the_masters_keepalive_pings_on_idle_connections() -> None:
@@ -78,7 +78,9 @@ def test_servers_accept_the_masters_keepalive_pings_on_idle_connections() -> Non
     assert options["grpc.keepalive_permit_without_calls"] == 1  # else: one ping per 2 h
     interval = options["grpc.http2.min_ping_interval_without_data_ms"]
     assert interval * 2 <= master["grpc.keepalive_time_ms"]  # room for timer jitter
-    assert options["grpc.http2.max_ping_strikes"] == rpc.MAX_PING_STRIKES > 0  # floods cut off
+    assert (
+        options["grpc.http2.max_ping_strikes"] == transport_server.MAX_PING_STRIKES > 0
+    )  # floods cut off
 
 
 def test_connections_are_renewed_after_hours_not_seconds() -> None:
@@ -91,7 +93,7 @@ def test_connections_are_renewed_after_hours_not_seconds() -> None:
 
 
 def test_server_options_carry_the_message_limit_both_ways() -> None:
-    options = dict(rpc.server_options(12345))
+    options = dict(transport_server.server_options(12345))
     assert options["grpc.max_receive_message_length"] == 12345
     assert options["grpc.max_send_message_length"] == 12345
     assert options["grpc.so_reuseport"] == 0

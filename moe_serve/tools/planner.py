@@ -104,8 +104,8 @@ def _header(path: Path) -> dict[str, Any]:
 
 def read_expert_sizes(checkpoint: str | Path) -> ExpertSizes:
     """Bytes of every routed expert of every MoE layer, from config.json and the file headers."""
-    from moe_serve.checkpoint import weight_map
     from moe_serve.families import read_layout
+    from moe_serve.weights.checkpoint import weight_map
 
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
@@ -472,7 +472,7 @@ def render_yaml(plan: Plan, master_listen: str = DEFAULT_MASTER_LISTEN, command:
         )
     wrap = textwrap.TextWrapper(width=98, initial_indent="# ", subsequent_indent="#   ").wrap
     header = [
-        "# World config written by `moe-serve placement` (moe_serve.planner):",
+        "# World config written by `moe-serve placement` (moe_serve.tools.planner):",
         *([f"#   {command}"] if command else []),
         *wrap(f"Checkpoint: {s.family}, MoE layers {list(s.layers)}, {s.num_experts} experts."),
         *wrap(f"Objective: {how}"),
@@ -500,7 +500,7 @@ def render_yaml(plan: Plan, master_listen: str = DEFAULT_MASTER_LISTEN, command:
 def check_round_robin(plan: Plan, world: Mapping[str, Any], base: Path | None = None) -> None:
     """Validate `world` with parse_config and check device_assignment lands as `plan` says."""
     from moe_serve.config import parse_config
-    from moe_serve.placement import device_assignment
+    from moe_serve.layer.placement import device_assignment
 
     cfg = parse_config(world, "<placement>", base=base)
     by_slot = {(d.worker, d.device): d.experts for d in plan.devices}
