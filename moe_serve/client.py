@@ -5,9 +5,17 @@
         y, routing = client.infer(x, layer=0, return_routing=True)
 
 Every failure raises `MoEServeError` with the gRPC status `code`, the server's message and,
-where the server gave one, its `reason` (moe_serve.errors.Reason).
+where the server gave one, its `reason` (moe_serve.errors.Reason). A connection refused
+during its set-up in a way that suggests mismatched TLS (a plaintext client on a TLS port,
+or the reverse) stays UNAVAILABLE, with a message naming the address and how this client
+dialled.
 A master with TLS on is dialled with `MoEClient(address, tls=ClientTLS(ca="ca.pem"))`
 (plus `cert=`/`key=` under mutual TLS) and, with a bearer token, `token=...`.
+
+Both clients share one core without I/O (`_Core`, `_InferCall`, as httpx's clients share
+theirs): validation, the shared-memory lease or the serialized bytes, the fall-back to bytes
+when the master refuses the region, decoding the reply and the errors. `MoEClient` and
+`AsyncMoEClient` differ only in how they wait for a call.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Literal, Self, overload
 
 import grpc
 import torch
@@ -273,8 +281,149 @@ def _info(msg: pb.MasterInfo) -> ServiceInfo:
     )
 
 
-def _error(exc: grpc.RpcError) -> MoEServeError:
-    return MoEServeError(exc.code(), exc.details() or "", reason_of(exc))
+# Phrases of a connection that failed before any call reached a server, as gRPC words them
+# (grpcio 1.84/1.85; matched lower-case). Only the hint depends on them: the code and the
+# original details are kept whatever gRPC says.
+_CONNECT_FAILED = "failed to connect to all addresses"
+_CLOSED = "socket closed"
+_PLAINTEXT_PEER = "wrong_version_number"  # a TLS client's hello answered in plaintext
+_HANDSHAKE = ("handshake", "verification check failed", "ssl_error")
+
+
+def _tls_hint(details: str, address: str, tls: ClientTLS | None) -> str | None:
+    """A plain-words cause for a connection that failed during set-up, or None.
+
+    A plaintext client dialling a TLS port hears only "Socket closed", and a TLS client
+    dialling a plaintext port a BoringSSL error code: say that TLS may be mismatched, where,
+    and which side this client took.
+    """
+    low = details.lower()
+    if _CONNECT_FAILED not in low:
+        return None  # a call that reached the server: not a set-up failure
+    if tls is None:
+        if _CLOSED in low or any(word in low for word in _HANDSHAKE):
+            return (
+                f"{address} closed the connection: the server may require TLS (this client "
+                "dialed plaintext; pass tls=ClientTLS(ca=...))"
+            )
+        return None
+    if _PLAINTEXT_PEER in low:
+        return (
+            f"TLS handshake with {address} failed: the server may not use TLS (this client "
+            "dialed TLS; leave tls unset for a plaintext port)"
+        )
+    if _CLOSED in low:
+        # A server under mutual TLS closes the connection on a client certificate it does
+        # not trust, or on none.
+        given = "with a" if tls.cert is not None else "without a"
+        return (
+            f"{address} closed the connection during the TLS handshake: the server may "
+            f"require a client certificate signed by its CA (this client dialed TLS {given} "
+            "client certificate; pass ClientTLS(cert=..., key=...))"
+        )
+    if any(word in low for word in _HANDSHAKE):
+        return (
+            f"TLS handshake with {address} failed (this client dialed TLS): the server's "
+            "certificate may not be signed by ClientTLS.ca or may not carry the name dialled "
+            "(ClientTLS.server_name)"
+        )
+    return None
+
+
+class _Core:
+    """What both clients share, without I/O: the address and credentials they dial, the
+    shared-memory path and the translation of a failed call into MoEServeError."""
+
+    def __init__(
+        self, address: str, shared_memory_bytes: int, token: str | None, tls: ClientTLS | None
+    ) -> None:
+        self.address, self.tls = address, tls
+        self.metadata = metadata(token)
+        self.shared = _SharedPath(shared_memory_bytes)
+
+    def call(self, x: torch.Tensor, layer: int, return_routing: bool) -> _InferCall:
+        """One Infer call's requests and result (checks x now)."""
+        return _InferCall(self, x, layer, return_routing)
+
+    def error(self, exc: grpc.RpcError) -> MoEServeError:
+        """The MoEServeError of a failed call: its code, its message (with the TLS hint for a
+        connection refused during set-up) and its reason."""
+        code, details, reason = exc.code(), exc.details() or "", reason_of(exc)
+        if code == grpc.StatusCode.UNAVAILABLE and reason is None:
+            hint = _tls_hint(details, self.address, self.tls)
+            if hint is not None:
+                details = f"{hint}. gRPC: {details}"
+        return MoEServeError(code, details, reason)
+
+
+class _InferCall:
+    """One Infer call without I/O. The client sends `request()`; on a reply it returns
+    `result(reply)`; on a failure it calls `refused(exc)`, which raises MoEServeError unless
+    the master refused the shared region, in which case the next `request()` is bytes.
+    At most two requests: shared memory once, then bytes. `close()` gives back a block still
+    leased (the call was cancelled or interrupted).
+    """
+
+    def __init__(self, core: _Core, x: torch.Tensor, layer: int, return_routing: bool) -> None:
+        self._core, self._x, self._layer, self._routing = core, x, layer, return_routing
+        self.flat = _flat(x)
+        # Whether this call goes through the region (attaching it first when new); it is
+        # tried once, the bytes request being the fall-back.
+        self.offers_region = core.shared.wants(self.flat)
+        self._tried_region = False
+        self._lease: _Lease | None = None
+
+    def request(self) -> bytes:
+        """The serialized InferRequest: x in a leased block of the region on the first try
+        when the region is attached and has room; else x's bytes (wire.serialize, one copy)."""
+        if self.offers_region and not self._tried_region:
+            self._tried_region = True
+            self._lease = self._core.shared.begin(self.flat, self._layer, self._routing)
+            if self._lease is not None:
+                return self._lease.request
+        return _request(self.flat, self._layer, self._routing)
+
+    def result(
+        self, reply: Parsed[pb.InferResponse]
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """y (and its RoutingInfo when asked for) from the master's reply."""
+        lease, self._lease = self._lease, None
+        try:
+            output = None if lease is None else lease.output
+            return _result(reply, self._x, self._routing, output)
+        finally:
+            if lease is not None:
+                self._core.shared.end(lease, clean=True)
+
+    def refused(self, exc: grpc.RpcError) -> None:
+        """Raise `exc` as MoEServeError, unless it refused this call's shared region
+        (Reason.REGION_NOT_ATTACHED): then the region is offered again on a later call and
+        this one goes on as bytes."""
+        lease, self._lease = self._lease, None
+        if lease is None:
+            raise self._core.error(exc) from None
+        lost = _region_lost(exc)
+        if lost:
+            self._core.shared.lost()
+        # A refusal comes before the master touches the blocks; any other failure may leave
+        # it writing into them (they are quarantined).
+        self._core.shared.end(lease, clean=lost)
+        if not lost:
+            raise self._core.error(exc) from None
+
+    def close(self) -> None:
+        """Give back a block still leased: the call ended without a reply or a status."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._core.shared.end(lease, clean=False)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
 
 class MoEClient:
@@ -290,12 +439,43 @@ class MoEClient:
         tls: ClientTLS | None = None,
     ) -> None:
         self.timeout = timeout
-        self._md = metadata(token)
+        self._core = _Core(address, shared_memory_bytes, token, tls)
         self._channel = channel(address, tls, message_options(max_message_bytes) + _OWN_CONNECTION)
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
-        self._shared = _SharedPath(shared_memory_bytes)
         self._attaching = threading.Lock()  # one offer, however many threads are waiting
+
+    @property
+    def _shared(self) -> _SharedPath:  # for tests that look at the region
+        return self._core.shared
+
+    @overload
+    def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        return_routing: Literal[False] = False,
+        timeout: float | None = None,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        *,
+        return_routing: Literal[True],
+        timeout: float | None = None,
+    ) -> tuple[torch.Tensor, RoutingInfo]: ...
+
+    @overload
+    def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        return_routing: bool = False,
+        timeout: float | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]: ...
 
     def infer(
         self,
@@ -303,60 +483,54 @@ class MoEClient:
         layer: int = 0,
         return_routing: bool = False,
         timeout: float | None = None,
-    ) -> Any:
-        """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
-        flat, timeout = _flat(x), timeout or self.timeout
-        if self._shared.wants(flat):
-            with self._attaching:
-                if self._shared.state == "new":
-                    self._attach(flat, timeout)
-            lease = self._shared.begin(flat, layer, return_routing)
-            if lease is not None:
-                clean = False
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
+        `return_routing=True` the gate's RoutingInfo too."""
+        timeout = timeout or self.timeout
+        with self._core.call(x, layer, return_routing) as call:
+            if call.offers_region:
+                self._attach(call.flat, timeout)
+            while True:  # at most twice: shared memory, then bytes
                 try:
-                    reply = self._infer(lease.request, timeout=timeout, metadata=self._md)
-                    clean = True
-                    return _result(reply, x, return_routing, lease.output)
+                    reply = self._infer(
+                        call.request(), timeout=timeout, metadata=self._core.metadata
+                    )
                 except grpc.RpcError as exc:
-                    if not _region_lost(exc):
-                        raise _error(exc) from None
-                    clean = True  # refused before the master touched the blocks
-                    self._shared.lost()
-                finally:
-                    self._shared.end(lease, clean)
-        try:
-            reply = self._infer(
-                _request(flat, layer, return_routing), timeout=timeout, metadata=self._md
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return _result(reply, x, return_routing)
+                    call.refused(exc)
+                else:
+                    return call.result(reply)
 
     def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
-        offer = self._shared.offer(flat, self.info(timeout).dtype)
-        if offer is not None:
+        with self._attaching:
+            if self._core.shared.state != "new":
+                return
+            offer = self._core.shared.offer(flat, self.info(timeout).dtype)
+            if offer is None:
+                return
             try:
-                self._shared.attached(
-                    self._stub.AttachRegion(offer, timeout=timeout, metadata=self._md)
+                reply = self._stub.AttachRegion(
+                    offer, timeout=timeout, metadata=self._core.metadata
                 )
             except grpc.RpcError as exc:
-                raise _error(exc) from None
+                raise self._core.error(exc) from None
+            self._core.shared.attached(reply)
 
     def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
         try:
-            return _info(
-                self._stub.GetInfo(
-                    pb.GetInfoRequest(), timeout=timeout or self.timeout, metadata=self._md
-                )
+            reply = self._stub.GetInfo(
+                pb.GetInfoRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self._core.metadata,
             )
         except grpc.RpcError as exc:
-            raise _error(exc) from None
+            raise self._core.error(exc) from None
+        return _info(reply)
 
     def close(self) -> None:
         """Close the channel and the shared region."""
         self._channel.close()
-        self._shared.close()
+        self._core.shared.close()
 
     def __enter__(self) -> Self:
         return self
@@ -380,14 +554,45 @@ class AsyncMoEClient:
         tls: ClientTLS | None = None,
     ) -> None:
         self.timeout = timeout
-        self._md = metadata(token)
+        self._core = _Core(address, shared_memory_bytes, token, tls)
         self._channel = aio_channel(
             address, tls, message_options(max_message_bytes) + _OWN_CONNECTION
         )
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
-        self._shared = _SharedPath(shared_memory_bytes)
-        self._attaching = asyncio.Lock()
+        self._attaching = asyncio.Lock()  # one offer, however many calls are waiting
+
+    @property
+    def _shared(self) -> _SharedPath:  # for tests that look at the region
+        return self._core.shared
+
+    @overload
+    async def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        return_routing: Literal[False] = False,
+        timeout: float | None = None,
+    ) -> torch.Tensor: ...
+
+    @overload
+    async def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        *,
+        return_routing: Literal[True],
+        timeout: float | None = None,
+    ) -> tuple[torch.Tensor, RoutingInfo]: ...
+
+    @overload
+    async def infer(
+        self,
+        x: torch.Tensor,
+        layer: int = 0,
+        return_routing: bool = False,
+        timeout: float | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]: ...
 
     async def infer(
         self,
@@ -395,59 +600,54 @@ class AsyncMoEClient:
         layer: int = 0,
         return_routing: bool = False,
         timeout: float | None = None,
-    ) -> Any:
-        """Run MoE layer `layer` on x [..., H]; returns y (and RoutingInfo if asked)."""
-        flat, timeout = _flat(x), timeout or self.timeout
-        if self._shared.wants(flat):
-            async with self._attaching:  # one offer, however many calls are waiting
-                if self._shared.state == "new":
-                    await self._attach(flat, timeout)
-            lease = self._shared.begin(flat, layer, return_routing)
-            if lease is not None:
-                clean = False
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
+        `return_routing=True` the gate's RoutingInfo too."""
+        timeout = timeout or self.timeout
+        with self._core.call(x, layer, return_routing) as call:
+            if call.offers_region:
+                await self._attach(call.flat, timeout)
+            while True:  # at most twice: shared memory, then bytes
                 try:
-                    reply = await self._infer(lease.request, timeout=timeout, metadata=self._md)
-                    clean = True
-                    return _result(reply, x, return_routing, lease.output)
-                except grpc.aio.AioRpcError as exc:
-                    if not _region_lost(exc):
-                        raise _error(exc) from None
-                    clean = True  # refused before the master touched the blocks
-                    self._shared.lost()
-                finally:
-                    self._shared.end(lease, clean)
-        try:
-            reply = await self._infer(
-                _request(flat, layer, return_routing), timeout=timeout, metadata=self._md
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        return _result(reply, x, return_routing)
+                    reply = await self._infer(
+                        call.request(), timeout=timeout, metadata=self._core.metadata
+                    )
+                except grpc.RpcError as exc:
+                    call.refused(exc)
+                else:
+                    return call.result(reply)
 
     async def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
-        offer = self._shared.offer(flat, (await self.info(timeout)).dtype)
-        if offer is not None:
+        async with self._attaching:
+            if self._core.shared.state != "new":
+                return
+            offer = self._core.shared.offer(flat, (await self.info(timeout)).dtype)
+            if offer is None:
+                return
             try:
-                self._shared.attached(
-                    await self._stub.AttachRegion(offer, timeout=timeout, metadata=self._md)
+                reply = await self._stub.AttachRegion(
+                    offer, timeout=timeout, metadata=self._core.metadata
                 )
-            except grpc.aio.AioRpcError as exc:
-                raise _error(exc) from None
+            except grpc.RpcError as exc:
+                raise self._core.error(exc) from None
+            self._core.shared.attached(reply)
 
     async def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
         try:
             reply = await self._stub.GetInfo(
-                pb.GetInfoRequest(), timeout=timeout or self.timeout, metadata=self._md
+                pb.GetInfoRequest(),
+                timeout=timeout or self.timeout,
+                metadata=self._core.metadata,
             )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
+        except grpc.RpcError as exc:
+            raise self._core.error(exc) from None
         return _info(reply)
 
     async def close(self) -> None:
         """Close the channel and the shared region."""
         await self._channel.close()
-        self._shared.close()
+        self._core.shared.close()
 
     async def __aenter__(self) -> Self:
         return self

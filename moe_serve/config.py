@@ -2,12 +2,16 @@
 
 Parsed once (`load_config`) into frozen pydantic models and passed down; nothing
 below the CLI reads YAML or the environment. Validation errors become a
-`ConfigError` whose message names the field path and the expected value.
+`ConfigError` whose message names the field path and the expected value. Every path
+key is resolved here, against the YAML file's directory (`resolve_path`), so the code
+that opens the files (weights, auth, tls) opens what it is given. Each field's
+`description` is the reference text of docs/config.md (scripts/gen_config_docs.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +19,16 @@ from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from moe_serve.errors import ConfigError
 
@@ -39,6 +52,40 @@ MESSAGE_SLACK_BYTES = 1 << 20
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def resolve_path(path: str | Path, base: Path | None) -> Path:
+    """A path as the world config means it: `~` expanded, a relative one taken from `base`
+    (the directory of the YAML file that names it), an absolute one as written.
+
+    One rule for every path key (model.checkpoint, security.token_file,
+    security.worker_token_file, security.tls.cert/key/ca), so that a config means the same
+    files whatever directory a process starts in (systemd's WorkingDirectory, `up`'s
+    children, a container's). Without a file (`base` None) a relative path stays relative
+    to the working directory.
+    """
+    p = Path(path).expanduser()
+    return p if p.is_absolute() or base is None else base / p
+
+
+def _in_config_dir(value: Path, info: ValidationInfo) -> Path:
+    return resolve_path(value, (info.context or {}).get("base"))
+
+
+def _checkpoint_in_config_dir(value: str, info: ValidationInfo) -> str:
+    return str(_in_config_dir(Path(value), info))
+
+
+# A file named by the world config; parse_config resolves it against the YAML's directory.
+ConfigPath = Annotated[Path, AfterValidator(_in_config_dir)]
+# The same for model.checkpoint, which the rest of the code reads as a string.
+CheckpointPath = Annotated[str, AfterValidator(_checkpoint_in_config_dir)]
+
+
+def _doc_type(text: str) -> dict[str, Any]:
+    """The type column of this key in docs/config.md, where the annotation alone says too
+    little (a string with a syntax)."""
+    return {"doc_type": text}
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -78,20 +125,47 @@ class ModelConfig(_Frozen):
     (moe_serve.families); without one, weights are seeded random.
     """
 
-    checkpoint: str | None = None
-    hidden_size: int = Field(512, gt=0)
-    expert_ffn_size: int = Field(2048, gt=0)
-    num_experts: int = Field(8, gt=0)
-    top_k: int = Field(2, gt=0)
-    expert_kind: ExpertKind = "mlp"
-    activation: Activation = "gelu"
-    moe_layers: tuple[Annotated[int, Field(ge=0)], ...] = (0,)
-    dtype: DType = "float32"
-    seed: int = 0
-    # Shared experts (always-on GLU experts run on the master); 0: none.
-    shared_expert_ffn_size: int = Field(0, ge=0)
-    # Qwen2-MoE style: scale the shared experts' output by sigmoid(x @ shared_gate.T).
-    shared_expert_gate: bool = False
+    checkpoint: CheckpointPath | None = Field(
+        None,
+        json_schema_extra=_doc_type("path or null"),
+        description="A Hugging Face model directory (`config.json` + `*.safetensors`). Every "
+        "other `model` key then comes from its `config.json` (a contradicting value is an "
+        "error); `dtype` may cast it, `moe_layers` may pick a subset. See "
+        "[models](models.md). `null`: a synthetic model.",
+    )
+    hidden_size: int = Field(512, gt=0, description="H, the width of the hidden states.")
+    expert_ffn_size: int = Field(2048, gt=0, description="F, the inner width of each expert.")
+    num_experts: int = Field(8, gt=0, description="E, experts per MoE layer (ids `0..E-1`).")
+    top_k: int = Field(2, gt=0, description="K, experts per token; at most `num_experts`.")
+    expert_kind: ExpertKind = Field(
+        "mlp",
+        description="`mlp`: `fc2(act(fc1·x + b1)) + b2`; `glu`: `down(act(gate·x) * up·x)`, "
+        "no biases.",
+    )
+    activation: Activation = Field(
+        "gelu", description="The expert activation; `swish` is accepted as `silu`."
+    )
+    moe_layers: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        (0,),
+        description="Model layer indices served, non-empty and distinct; requests name one "
+        "of them.",
+    )
+    dtype: DType = Field(
+        "float32",
+        description="Expert weights, tensors on the wire, and the reply. Gates and combines "
+        "compute in float32.",
+    )
+    seed: int = Field(0, description="Seed of the synthetic weights.")
+    shared_expert_ffn_size: int = Field(
+        0,
+        ge=0,
+        description="Width of the layer's shared experts (a GLU run on the master for every "
+        "token and added to the routed sum); `0`: none.",
+    )
+    shared_expert_gate: bool = Field(
+        False,
+        description="Scale the shared experts' output by `sigmoid(x · w_gate)` (Qwen2-MoE).",
+    )
 
     @field_validator("activation", mode="before")
     @classmethod
@@ -119,29 +193,55 @@ class ModelConfig(_Frozen):
 class RoutingConfig(_Frozen):
     """Gate behaviour: scores, expert groups, top-k renormalisation and scaling, capacity."""
 
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
-    normalize_topk: bool = True
-    capacity_factor: float | None = Field(None, gt=0)
-    # Multiplies the (renormalised) top-k weights (DeepSeek-V2/V3).
-    routed_scaling_factor: float = Field(1.0, gt=0)
-    # Group-limited top-k (DeepSeek): experts form n_group equal groups; each token picks
-    # from its topk_group best groups, a group scoring by its best expert ("max") or by the
-    # sum of its two best ("top2_sum", DeepSeek-V3).
-    n_group: int | None = Field(None, gt=0)
-    topk_group: int | None = Field(None, gt=0)
-    group_scoring: Literal["max", "top2_sum"] = "max"
-    # A per-expert bias added to the scores for selection only (DeepSeek-V3's
-    # e_score_correction_bias); the combine weights stay the unbiased scores.
-    correction_bias: bool = False
-    # "model": router logits in the model dtype, weights rounded to it (Mixtral, Qwen, OLMoE
-    # in transformers); "float32": logits in float32 (DeepSeek).
-    router_dtype: Literal["model", "float32"] = "float32"
+    scoring: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="Score function over the router logits."
+    )
+    normalize_topk: bool = Field(True, description="Renormalise the K chosen scores to sum to 1.")
+    capacity_factor: float | None = Field(
+        None,
+        gt=0,
+        description="Per-request expert capacity `ceil(cf · T · K / E)`; pairs over it are "
+        "dropped (weight 0, reported in `dropped_pairs`). Priority is choice-major: every "
+        "token's first choice before any second choice. `null`: no limit.",
+    )
+    routed_scaling_factor: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplies the (renormalised) top-k weights (DeepSeek-V2/V3).",
+    )
+    n_group: int | None = Field(
+        None,
+        gt=0,
+        description="Group-limited top-k (DeepSeek): the experts form `n_group` equal groups "
+        "and a token picks only from its `topk_group` best groups. Set both or neither.",
+    )
+    topk_group: int | None = Field(
+        None, gt=0, description="Groups a token picks from; see `n_group`."
+    )
+    group_scoring: Literal["max", "top2_sum"] = Field(
+        "max",
+        description="A group's score: its best expert's (V2) or the sum of its two best (V3).",
+    )
+    correction_bias: bool = Field(
+        False,
+        description="Add the layer's per-expert bias (`e_score_correction_bias`) to the scores "
+        "for selection only (DeepSeek-V3); the combine weights stay the unbiased scores.",
+    )
+    router_dtype: Literal["float32", "model"] = Field(
+        "float32",
+        description="Compute router logits in float32 (DeepSeek), or in the model dtype with "
+        "the top-k weights rounded to it (as transformers does for Mixtral, Qwen, OLMoE).",
+    )
 
     @model_validator(mode="after")
     def _groups(self) -> RoutingConfig:
         if (self.n_group is None) != (self.topk_group is None):
             raise ValueError("n_group: set both n_group and topk_group, or neither")
-        if self.n_group is not None and self.topk_group > self.n_group:
+        if (
+            self.n_group is not None
+            and self.topk_group is not None
+            and self.topk_group > self.n_group
+        ):
             raise ValueError(f"topk_group: {self.topk_group} exceeds n_group={self.n_group}")
         return self
 
@@ -149,31 +249,101 @@ class RoutingConfig(_Frozen):
 class MasterConfig(_Frozen):
     """Where the master listens, where its gates run, and its request limits."""
 
-    listen: str = "0.0.0.0:50051"
-    metrics_port: int | None = Field(9400, ge=1, lt=65536)
-    # Interface of the metrics exporter; None: the host of `listen` (127.0.0.1 stays local).
-    metrics_host: str | None = None
-    device: str = "cpu"
-    max_request_tokens: int = Field(65536, gt=0)
-    # gRPC message limit of every hop; None: derived from the token limit (see
-    # WorldConfig.message_limit), so that no message can be much larger than a full request.
-    max_message_bytes: int | None = Field(None, gt=0, le=GRPC_MAX_MESSAGE_BYTES)
-    # Bound on each worker call (within the client's deadline): a worker that has not
-    # answered by then is treated as down and its slice goes to a replica.
-    worker_timeout_s: float = Field(30.0, gt=0)
-    # Infer calls that arrive while the master is busy are gated and sent to the workers
-    # together, up to this many tokens per batch; extra wait for more calls (0: none).
-    max_batch_tokens: int = Field(8192, gt=0)
-    batch_delay_us: int = Field(0, ge=0, le=1_000_000)
-    # Tokens accepted but not yet answered; beyond it, Infer gets RESOURCE_EXHAUSTED
-    # (bounded memory under overload).
-    max_pending_tokens: int = Field(262144, gt=0)
-    # On SIGTERM: NOT_SERVING, then in-flight calls get this long to finish.
-    shutdown_grace_s: float = Field(10.0, ge=0)
-    # Host shared memory (CPU) or CUDA IPC (master.device CUDA) region through which
-    # workers on the master's host exchange tensors; gRPC then carries only offsets.
-    # 0 turns the fast path off; workers elsewhere always use gRPC bytes.
-    shared_memory_bytes: int = Field(256 << 20, ge=0)
+    listen: str = Field(
+        "0.0.0.0:50051",
+        json_schema_extra=_doc_type("`host:port`"),
+        description="Where the master binds (IPv6 as `[::1]:50051`).",
+    )
+    metrics_port: int | None = Field(
+        9400,
+        ge=1,
+        lt=65536,
+        description="Port of the Prometheus exporter (on `metrics_host`); `null` disables it.",
+    )
+    metrics_host: str | None = Field(
+        None,
+        json_schema_extra=_doc_type("host or IP (IPv6 as `::1` or `[::1]`) or null"),
+        description="Interface the exporter binds. `null`: the host of `listen` "
+        "(`127.0.0.1:50051` exports on `127.0.0.1` only, `[::1]:50051` on `::1`); set "
+        "`0.0.0.0` to let a Prometheus on another machine scrape a master that listens on "
+        "loopback. The metrics show per-expert traffic and error codes.",
+    )
+    device: str = Field(
+        "cpu",
+        json_schema_extra=_doc_type("`cpu` \\| `cuda` \\| `cuda:N`"),
+        description="Where the gates run and partial sums are added. Must exist when the "
+        "master starts.",
+    )
+    max_request_tokens: int = Field(
+        65536,
+        gt=0,
+        description="Largest request in tokens; larger ones get RESOURCE_EXHAUSTED.",
+    )
+    # None derives the limit from the token limit (WorldConfig.message_limit), so that no
+    # message can be much larger than a full request.
+    max_message_bytes: int | None = Field(
+        None,
+        gt=0,
+        le=GRPC_MAX_MESSAGE_BYTES,
+        description="gRPC send/receive limit of the master's server, its channels to the "
+        "workers, and the workers' servers. `null` derives it from the token limit: "
+        "`tokens × (hidden_size × 4 + top_k × 12 + num_experts × 4) + 1 MiB`, at most "
+        "2³¹−1, where a row is a float32 input plus a reply's routing and `tokens` is "
+        "`max_request_tokens` (master) or `max(max_request_tokens, max_batch_tokens)` "
+        "(workers); see [operations](operations.md#message-size). Set, it must hold "
+        "`max_request_tokens × hidden_size × 4` bytes (a float32 request at the token "
+        "limit), else the config is rejected.",
+    )
+    worker_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Bound on each worker call, within the time the client has left. A "
+        "worker that has not answered by then (frozen, or far behind) is marked down and its "
+        "slice resent to replicas; if the client's own deadline is what ran out, the request "
+        "gets DEADLINE_EXCEEDED. Set it a few times above your slowest worker call, and "
+        "below client deadlines, so a replica still has time.",
+    )
+    max_batch_tokens: int = Field(
+        8192,
+        gt=0,
+        description="Infer calls that arrive while the master is busy with an earlier batch "
+        "are gated and fanned out together, up to this many tokens per batch (a larger call "
+        "runs alone); each client still gets only its own rows, routing and errors. With "
+        "`routing.capacity_factor` set, each call is gated on its own rows, since capacity "
+        "is per request.",
+    )
+    batch_delay_us: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="Extra wait for more Infer calls before a batch starts. `0`: batch only "
+        "what is already queued, so an idle master adds no latency.",
+    )
+    max_pending_tokens: int = Field(
+        262144,
+        gt=0,
+        description="Tokens of Infer calls accepted and not yet answered. A call that would "
+        "go beyond it gets RESOURCE_EXHAUSTED naming this key (unless nothing is pending: "
+        "one call up to `max_request_tokens` always runs), so memory stays bounded under "
+        "overload; clients retry later.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM the master reports NOT_SERVING, refuses new calls, and gives "
+        "in-flight ones this long to finish before it exits.",
+    )
+    shared_memory_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="Size (default 256 MiB) of the region through which workers on the "
+        "master's host exchange tensors: a sealed memfd (no file in `/dev/shm`; it counts "
+        "towards the process's memory) when `device` is `cpu`, CUDA IPC memory on `device` "
+        "otherwise. gRPC then carries only offsets. Only workers of the same host, PID "
+        "namespace and Unix user can map it; the others (another host, another container "
+        "without a shared PID namespace, another user) use gRPC bytes, and so does a call "
+        "that finds the region full. `0` turns the fast path off.",
+    )
 
     _listen = field_validator("listen")(lambda v: (parse_address(v), v)[1])
     _metrics_host = field_validator("metrics_host")(lambda v: v if v is None else parse_host(v))
@@ -192,16 +362,48 @@ class MasterConfig(_Frozen):
 class BatchingConfig(_Frozen):
     """Worker dynamic batching: merge Forward calls arriving within max_delay_us."""
 
-    # 0: the master already batches its Infer calls (one Forward per worker per batch), so a
-    # window here would only add latency; a worker shared by several masters may want one.
-    max_delay_us: int = Field(0, ge=0, le=1_000_000)
-    max_batch_tokens: int = Field(16384, gt=0)
-    # Replay small batches (<= 64 tokens, <= 256 pairs) from CUDA graphs on CUDA workers.
-    cuda_graphs: bool = True
-    # Tokens a worker holds queued or in its running batch; beyond it, RESOURCE_EXHAUSTED.
-    max_queue_tokens: int = Field(262144, gt=0)
-    # On SIGTERM: NOT_SERVING, then in-flight calls get this long to finish.
-    shutdown_grace_s: float = Field(10.0, ge=0)
+    # 0 by default: the master already batches its Infer calls (one Forward per worker per
+    # batch), so a window here would only add latency.
+    max_delay_us: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="The first waiting Forward call opens a window of this many "
+        "microseconds; calls arriving before it closes join the batch. `0`: only calls "
+        "already queued join; the master already sends one Forward per worker per batch of "
+        "Infer calls (`master.max_batch_tokens`), so a window only adds latency unless "
+        "several masters share the workers.",
+    )
+    max_batch_tokens: int = Field(
+        16384,
+        gt=0,
+        description="Stop adding calls once the batch would exceed this many tokens (the "
+        "call that does not fit opens the next batch). A single larger call still runs, "
+        "alone.",
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="On CUDA devices with the grouped GEMM (bfloat16, compute capability "
+        "9.0+), batches of at most 64 tokens and 256 (token, expert) pairs replay a CUDA "
+        "graph captured on first use per size bucket (powers of two), instead of launching "
+        "some fifteen kernels each.",
+    )
+    max_queue_tokens: int = Field(
+        262144,
+        gt=0,
+        description="What a worker holds queued or in its running batch, each Forward "
+        "counting the larger of its tokens and its (token, expert) pairs (a master sends up "
+        "to `top_k` pairs per token, and pairs are what a batch's expert GEMMs grow with); a "
+        "Forward beyond it gets RESOURCE_EXHAUSTED naming this key (a lone call always "
+        "runs). A Forward with more pairs than its tokens × the experts the worker holds on "
+        "the layer is INVALID_ARGUMENT naming `pair_token`, before any work.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM a worker reports NOT_SERVING, refuses new calls, and gives "
+        "in-flight ones this long to finish before it exits.",
+    )
 
 
 def _check_device_syntax(v: str) -> str:
@@ -215,17 +417,30 @@ class TLSConfig(_Frozen):
 
     Used by moe_serve.transport.tls."""
 
-    # This process's certificate chain and private key: servers present them; under
-    # client_auth the master presents them to its workers too.
-    cert: Path
-    key: Path
-    # CAs that signed the peers' certificates: clients verify servers with it (the system's
-    # roots without one); servers verify client certificates with it under client_auth.
-    ca: Path | None = None
-    # Mutual TLS: servers refuse clients without a certificate signed by `ca`.
-    client_auth: bool = False
-    # Name to expect in the servers' certificates instead of the host of each address.
-    server_name: str | None = Field(None, min_length=1)
+    cert: ConfigPath = Field(
+        description="PEM certificate chain this process presents as a server (and, with "
+        "`client_auth`, the master to its workers). It must name every host the process is "
+        "dialled by (subjectAltName)."
+    )
+    key: ConfigPath = Field(description="PEM private key of `cert`.")
+    ca: ConfigPath | None = Field(
+        None,
+        description="PEM bundle of the CAs that signed the servers' certificates, used by "
+        "the master (to its workers), `moe-serve up`'s probes and `moe-serve health`; "
+        "`null`: the system's roots. With `client_auth`, also the CAs that sign client "
+        "certificates.",
+    )
+    client_auth: bool = Field(
+        False,
+        description="Mutual TLS: servers refuse a client without a certificate signed by "
+        "`ca` (requires `ca`).",
+    )
+    server_name: str | None = Field(
+        None,
+        min_length=1,
+        description="Name to expect in the servers' certificates instead of each address's "
+        "host (e.g. addresses are IPs, certificates carry a DNS name).",
+    )
 
     @model_validator(mode="after")
     def _ca_for_clients(self) -> TLSConfig:
@@ -241,13 +456,39 @@ class SecurityConfig(_Frozen):
     workers (ExpertWorker); only the master and the workers hold the worker token.
     """
 
-    # Name of an environment variable that holds the client token, or a file that does.
-    token_env: str | None = None
-    token_file: Path | None = None
-    # The same for the worker token, which the master sends to its workers.
-    worker_token_env: str | None = None
-    worker_token_file: Path | None = None
-    tls: TLSConfig | None = None
+    token_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the client bearer token. The "
+        "master reads it at start (unset: exit 2 naming the key); every call to the master "
+        "but gRPC health and reflection must then carry `authorization: Bearer <token>`, "
+        "else UNAUTHENTICATED. Clients pass `MoEClient(..., token=...)`. Requires a worker "
+        "token (below), else the config is refused (exit 2 naming "
+        "`security.worker_token_env`).",
+    )
+    token_file: ConfigPath | None = Field(
+        None,
+        description="The same, read from a file (surrounding whitespace stripped). Set one "
+        "of the two, never the token itself. How to make one: "
+        "[operations](operations.md#creating-the-tokens).",
+    )
+    worker_token_env: str | None = Field(
+        None,
+        description="Name of an environment variable holding the worker token: what every "
+        "worker checks on every call but health and reflection (else UNAUTHENTICATED), and "
+        "what the master sends them. Workers and the master read it at start (unset: exit 2 "
+        "naming the key); workers never need the client token. It must be a different "
+        "secret from the client token (the master exits 2 if they are equal), so that a "
+        "client token cannot call `ExpertWorker` (`Forward`, `AttachRegion`, `GetInfo`) "
+        "past the master's limits.",
+    )
+    worker_token_file: ConfigPath | None = Field(
+        None, description="The same, read from a file. Set one of the two."
+    )
+    tls: TLSConfig | None = Field(
+        None,
+        description="TLS on every gRPC port of every process (see "
+        "[`security.tls`](#securitytls)); `null`: plaintext.",
+    )
 
     @model_validator(mode="after")
     def _sources(self) -> SecurityConfig:
@@ -282,15 +523,49 @@ class SecurityConfig(_Frozen):
 class WorkerConfig(_Frozen):
     """One expert worker: its address, devices and experts (all layers, or per layer)."""
 
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    address: str
-    listen: str | None = None
-    metrics_port: int | None = Field(None, ge=1, lt=65536)
-    # Interface of the metrics exporter; None: the host of `listen_address`.
-    metrics_host: str | None = None
-    devices: tuple[str, ...] = ("cpu",)
+    id: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        json_schema_extra=_doc_type("string of `[A-Za-z0-9_.-]`"),
+        description="Name used by `--worker-id`; distinct across workers.",
+    )
+    address: str = Field(
+        json_schema_extra=_doc_type("`host:port`"),
+        description="Where the master dials this worker; distinct across workers.",
+    )
+    listen: str | None = Field(
+        None,
+        json_schema_extra=_doc_type("`host:port` or null"),
+        description="Where the worker binds; `null`: `0.0.0.0` on `address`'s port.",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        lt=65536,
+        description="Port of this worker's Prometheus exporter; `null`: none (the examples "
+        "use 9401, 9402, ...).",
+    )
+    metrics_host: str | None = Field(
+        None,
+        json_schema_extra=_doc_type("host or IP or null"),
+        description="Interface of this worker's exporter; `null`: the host of its `listen` "
+        "address (`0.0.0.0` when `listen` is unset).",
+    )
+    devices: tuple[str, ...] = Field(
+        ("cpu",),
+        json_schema_extra=_doc_type("list of `cpu` \\| `cuda` \\| `cuda:N`"),
+        description="Devices the worker's experts are spread over, round-robin in listed "
+        "order (1st, 3rd, ... expert on the first device). CUDA devices must be distinct and "
+        "exist when the worker starts.",
+    )
     # A list (same experts on every layer) or {layer: [experts]}; see _experts.
-    experts: tuple[int, ...] | Mapping[int, tuple[int, ...]]
+    experts: tuple[int, ...] | Mapping[int, tuple[int, ...]] = Field(
+        json_schema_extra=_doc_type("list of int, or `{layer: [int]}`"),
+        description="Expert ids held on every MoE layer, or per layer (a layer missing from "
+        "the mapping holds none on this worker). Mapping keys must be in `model.moe_layers`; "
+        "ids must be `< num_experts`; every expert of every layer must be placed on some "
+        "worker.",
+    )
 
     _address = field_validator("address", "listen")(
         lambda v: v if v is None else (parse_address(v), v)[1]
@@ -339,18 +614,22 @@ class WorkerConfig(_Frozen):
 class WorldConfig(_Frozen):
     """The whole deployment: model, routing, master, batching and workers."""
 
-    model: ModelConfig = ModelConfig()
-    routing: RoutingConfig = RoutingConfig()
-    master: MasterConfig = MasterConfig()
-    batching: BatchingConfig = BatchingConfig()
-    security: SecurityConfig = SecurityConfig()
-    workers: tuple[WorkerConfig, ...] = Field(min_length=1)
+    model: ModelConfig = Field(ModelConfig(), description="What is served.")
+    routing: RoutingConfig = Field(RoutingConfig(), description="How the gates route.")
+    master: MasterConfig = Field(MasterConfig(), description="The master process.")
+    batching: BatchingConfig = Field(
+        BatchingConfig(), description="Dynamic batching on the workers."
+    )
+    security: SecurityConfig = Field(SecurityConfig(), description="Tokens and TLS.")
+    workers: tuple[WorkerConfig, ...] = Field(
+        min_length=1, description="The expert workers, at least one."
+    )
 
     @model_validator(mode="after")
     def _placement(self) -> WorldConfig:
         _check_unique(self.workers)
         r, m = self.routing, self.model
-        if r.n_group is not None:
+        if r.n_group is not None and r.topk_group is not None:  # set together (RoutingConfig)
             if m.num_experts % r.n_group:
                 raise ValueError(
                     f"routing.n_group: {r.n_group} does not divide "
@@ -486,9 +765,7 @@ def _with_checkpoint(data: Mapping[str, Any], base: Path | None) -> Mapping[str,
     model = data.get("model")
     if not isinstance(model, Mapping) or not isinstance(model.get("checkpoint"), str):
         return data
-    path = Path(model["checkpoint"]).expanduser()
-    if not path.is_absolute() and base is not None:
-        path = base / path  # relative to the world config file
+    path = resolve_path(model["checkpoint"], base)
     layout = read_layout(path)
     derived = {"shared_expert_ffn_size": 0, "shared_expert_gate": False, **layout.model}
     for key, value in model.items():
@@ -516,7 +793,9 @@ def _with_checkpoint(data: Mapping[str, Any], base: Path | None) -> Mapping[str,
 def parse_config(data: Any, source: str = "<config>", base: Path | None = None) -> WorldConfig:
     """Validate a decoded YAML mapping; raise ConfigError naming each bad field.
 
-    `base` is the directory a relative `model.checkpoint` is resolved against.
+    `base` is the directory of the YAML file: every relative path in the config
+    (`resolve_path`) is taken from it. Without one, relative paths stay relative to the
+    working directory.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(
@@ -527,7 +806,7 @@ def parse_config(data: Any, source: str = "<config>", base: Path | None = None) 
     except ConfigError as exc:
         raise ConfigError(f"{source}: invalid world config:\n  {exc}") from None
     try:
-        return WorldConfig.model_validate(data)
+        return WorldConfig.model_validate(data, context={"base": base})
     except ValidationError as exc:
         errors = exc.errors()
         lines = []
@@ -557,7 +836,9 @@ def load_config(path: str | Path) -> WorldConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-    return parse_config(data, str(p), base=p.parent)
+    # Made absolute lexically, symlinks kept: a YAML mounted through a link (a Kubernetes
+    # ConfigMap's ..data/) names files beside the path it is read at.
+    return parse_config(data, str(p), base=Path(os.path.abspath(p)).parent)
 
 
 def check_devices_exist(devices: tuple[str, ...], field: str) -> None:

@@ -11,6 +11,7 @@ message's words, which stay free to change.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
 
 import grpc
@@ -42,9 +43,12 @@ def reason_of(exc: grpc.RpcError) -> str | None:
     A string, not a Reason: a newer server may send one this version does not know. Its size
     is bounded by gRPC's limit on metadata (8 KiB by default).
     """
-    # A call's RpcError (sync or grpc.aio) is also its grpc.Call, with trailing_metadata.
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
+    # A failed sync call's RpcError is also its grpc.Call; grpc.aio raises AioRpcError. Both
+    # hold trailing metadata as (key, value) pairs (sync: namedtuples that also have .key).
+    trailing: Iterable[tuple[str, str | bytes]] = ()
+    if isinstance(exc, grpc.Call | grpc.aio.AioRpcError):
+        trailing = exc.trailing_metadata() or ()
+    for key, value in trailing:
         if key == REASON_KEY and isinstance(value, str):
             return value
     return None
@@ -95,3 +99,10 @@ class DeadlineError(MoEError):
     """The request's deadline passed while waiting on a worker."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class DrainingError(MoEError):
+    """The server is shutting down and did not run the call: retry on another replica."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = Reason.DRAINING

@@ -6,6 +6,10 @@ in one test process.
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -172,10 +176,34 @@ class WorkerMetrics:
         )
 
 
+@dataclass(frozen=True)
+class Exporter:
+    """A running /metrics endpoint (a WSGI server on a daemon thread)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it is bound to (the one chosen when asked for port 0)."""
+        return int(self.server.server_port)
+
+    def stop(self) -> None:
+        """Stop serving; returns at once. Its thread notices within its 0.5 s poll interval
+        (prometheus_client's serve_forever), then closes the socket."""
+
+        def shut() -> None:
+            self.server.shutdown()
+            self.server.server_close()
+
+        threading.Thread(target=shut, name="metrics exporter stop", daemon=True).start()
+
+
 def start_exporter(
     port: int | None, registry: CollectorRegistry, field: str, host: str, host_field: str
-) -> None:
-    """Serve /metrics on `host`:`port` in a background thread; None disables it.
+) -> Exporter | None:
+    """Serve /metrics on `host`:`port` in a background thread; None disables it (and is
+    returned), 0 binds any free port.
 
     `host` is the process's gRPC listen host unless the config widens it: the metrics show
     per-expert traffic and error codes, so a master on 127.0.0.1 exports on 127.0.0.1 only.
@@ -183,14 +211,15 @@ def start_exporter(
     when they cannot be bound.
     """
     if port is None:
-        return
+        return None
     try:
-        start_http_server(port, addr=host, registry=registry)
+        server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         why = exc.strerror or str(exc)  # getaddrinfo's errors (an unknown host) lack strerror
         raise ConfigError(
             f"{field}: cannot serve metrics on {host!r} port {port} (host: {host_field}): {why}"
         ) from None
+    return Exporter(server, thread)
 
 
 def local_url(host: str, port: int) -> str:

@@ -31,7 +31,7 @@ from moe_serve.transport.shm import ALIGN, SharedRegion
 from moe_serve.transport.wire import tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from tests.conftest import Cluster, alive, world
+from tests.conftest import Cluster, ProcessCluster, alive, world
 from tests.test_metrics import scrape, total
 
 pytestmark = pytest.mark.e2e
@@ -101,14 +101,9 @@ def as_nobody(script: str, **arg: Any) -> list[dict[str, Any]]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def pids(cluster: Cluster) -> dict[str, int]:
-    """{"master": pid, "worker w0": pid, ...} as `up` reported them."""
-    found = {}
-    for line in cluster.log().splitlines():
-        if line.startswith("moe-serve: started "):
-            name, pid = line.removeprefix("moe-serve: started ").rsplit(" pid=", 1)
-            found[name] = int(pid)
-    return found
+def pids(cluster: ProcessCluster) -> dict[str, int]:
+    """{"master": pid, "worker w0": pid, ...}: the cluster's child processes."""
+    return {name: proc.pid for name, proc in cluster.procs.items()}
 
 
 def dead_pid() -> int:

@@ -26,7 +26,7 @@ from moe_serve.transport.auth import load_token, load_tokens, load_worker_token,
 from moe_serve.transport.wire import tensor_to_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
-from tests.conftest import Cluster, start_up, stop_up, world
+from tests.conftest import Cluster, InProcessCluster, world
 
 TOKEN = "s3cret-token-for-tests"
 WORKER_TOKEN = "w0rker-token-for-tests"
@@ -35,14 +35,14 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def secured() -> Iterator[Cluster]:
     with pytest.MonkeyPatch.context() as mp:
-        # The children inherit both; the config names the variables.
+        # Read when the servers start; the config names the variables.
         mp.setenv("MOE_TEST_TOKEN", TOKEN)
         mp.setenv("MOE_TEST_WORKER_TOKEN", WORKER_TOKEN)
-        cluster = start_up(world(security=SECURITY), tmp_path_factory.mktemp("auth"))
+        cluster = InProcessCluster(world(security=SECURITY))
     yield cluster
-    stop_up(cluster)
+    cluster.stop()
 
 
 def forward_request() -> pb.ForwardRequest:
@@ -125,6 +125,7 @@ def test_neither_token_appears_in_the_logs(secured: Cluster) -> None:
     assert TOKEN not in secured.log() and WORKER_TOKEN not in secured.log()
 
 
+@pytest.mark.e2e
 def test_a_worker_needs_only_the_worker_token(tmp_path: Path) -> None:
     """A worker machine never holds the client token: its variable may be unset there."""
     config = world(security=SECURITY)
@@ -157,6 +158,7 @@ def run_cli(tmp_path: Path, security: dict[str, str], *args: str) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "args", [("master",), ("up",), ("worker", "--worker-id", "w0")], ids=lambda a: a[0]
 )
@@ -169,6 +171,7 @@ def test_a_client_token_without_a_worker_token_exits_2_naming_the_key(
     assert "cannot call the workers directly" in done.stderr  # the reason, not only the key
 
 
+@pytest.mark.e2e
 def test_the_same_secret_for_both_tokens_exits_2_naming_the_key(tmp_path: Path) -> None:
     security = {"token_env": "MOE_TEST_TOKEN", "worker_token_env": "MOE_TEST_OTHER"}
     done = run_cli(tmp_path, security, "master")

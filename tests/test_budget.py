@@ -13,7 +13,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from moe_serve.budget import TokenBudget
+from moe_serve.batching import TokenBudget
 from moe_serve.client import MoEClient
 from moe_serve.config import BatchingConfig, ModelConfig, RoutingConfig, WorkerConfig
 from moe_serve.errors import InvalidRequestError, RequestTooLargeError

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from moe_serve.config import parse_config
 from moe_serve.errors import ConfigError
 from moe_serve.weights.checkpoint import CheckpointWeights, weight_map
-from tests.conftest import start_up, stop_up, world
+from tests.conftest import ProcessCluster, world
 
 H, F, E = 256, 4096, 8
 EXPERT_BYTES = 3 * H * F * 4  # gate, up, down in float32: 12 MiB
@@ -200,14 +200,14 @@ def _cpu_bytes(url: str) -> float:
 def test_worker_memory_holds_only_its_experts(tmp_path: Path) -> None:
     path = write_mixtral(tmp_path / "m")  # 8 experts x 12 MiB
     workers = [{"experts": [0]}, {"experts": list(range(1, E))}]
-    cluster = start_up(_world(path, workers), tmp_path)
+    cluster = ProcessCluster(_world(path, workers), tmp_path)
     try:
         assert _cpu_bytes(cluster.metrics_url("w0")) == EXPERT_BYTES
         assert _cpu_bytes(cluster.metrics_url("w1")) == (E - 1) * EXPERT_BYTES
-        w0, w1 = cluster.child_pids()[:2]
+        w0, w1 = cluster.pid("worker w0"), cluster.pid("worker w1")
         grown = _rss_bytes(w1) - _rss_bytes(w0)  # the same process but for 6 more experts
         assert 0.8 * 6 * EXPERT_BYTES <= grown <= 1.25 * 6 * EXPERT_BYTES, grown
         log = cluster.log()
     finally:
-        stop_up(cluster)
+        cluster.stop()
     assert "loaded 7/7 experts" in log  # progress while loading

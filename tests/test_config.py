@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from moe_serve.config import (
     GRPC_MAX_MESSAGE_BYTES,
@@ -598,3 +601,112 @@ def test_token_limit_beyond_grpcs_maximum_message_is_rejected() -> None:
 def test_token_limit_beyond_explicit_max_message_bytes_is_rejected() -> None:
     msg = config_error(world(master={"max_request_tokens": 1000, "max_message_bytes": 63_999}))
     assert "16 x 4 bytes = 64000 bytes exceeds master.max_message_bytes=63999" in msg
+
+
+# --- paths: one rule, relative to the YAML file -------------------------------------------------
+
+DATA = Path(__file__).resolve().parent / "data"
+# Every path key of the world config, as (section, ..., key).
+PATH_KEYS = [
+    ("model", "checkpoint"),
+    ("security", "token_file"),
+    ("security", "worker_token_file"),
+    ("security", "tls", "cert"),
+    ("security", "tls", "key"),
+    ("security", "tls", "ca"),
+]
+
+
+def world_with_path(keys: tuple[str, ...], value: str, where: Path) -> dict[str, Any]:
+    """A valid config whose path key `keys` is `value`, with what that key needs beside it
+    (a checkpoint's config.json in `where`, a worker token beside a client token)."""
+    data = world(workers=[worker()])
+    if keys[0] == "model":  # Mixtral's config.json: 8 experts
+        data["workers"] = [worker(experts=list(range(8)))]
+        (where / value).mkdir(parents=True, exist_ok=True)
+        (where / value / "config.json").write_text((DATA / "mixtral-8x7b-config.json").read_text())
+        data["model"] = {"checkpoint": value}
+        return data
+    security: dict[str, Any] = {"worker_token_env": "W"}
+    if keys[1] == "tls":
+        security["tls"] = {"cert": "c.pem", "key": "c.key", "ca": "ca.pem", keys[2]: value}
+    else:
+        security = {"token_env": "T", "worker_token_env": "W"}
+        security.pop(keys[1].replace("_file", "_env"))
+        security[keys[1]] = value
+    data["security"] = security
+    return data
+
+
+def path_value(cfg: WorldConfig, keys: tuple[str, ...]) -> Path:
+    value: Any = cfg
+    for key in keys:
+        value = getattr(value, key)
+    return Path(value)
+
+
+@pytest.mark.parametrize("keys", PATH_KEYS, ids=".".join)
+def test_a_relative_path_is_taken_from_the_yaml_files_directory(
+    keys: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    (conf / "world.yaml").write_text(yaml.safe_dump(world_with_path(keys, "files/x", conf)))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a process started in another directory (systemd, up)
+    assert path_value(load_config(Path("..") / "etc" / "world.yaml"), keys) == conf / "files/x"
+
+
+@pytest.mark.parametrize("keys", PATH_KEYS, ids=".".join)
+def test_an_absolute_path_is_kept_as_written(keys: tuple[str, ...], tmp_path: Path) -> None:
+    absolute = tmp_path / "abs" / "x"
+    data = world_with_path(keys, str(absolute), tmp_path)
+    (tmp_path / "world.yaml").write_text(yaml.safe_dump(data))
+    assert path_value(load_config(tmp_path / "world.yaml"), keys) == absolute
+
+
+def test_a_path_under_home_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    data = world(security={"token_file": "~/client.token", "worker_token_env": "W"})
+    (tmp_path / "world.yaml").write_text(yaml.safe_dump(data))
+    cfg = load_config(tmp_path / "world.yaml")
+    assert cfg.security.token_file == tmp_path / "home" / "client.token"
+
+
+def test_without_a_file_relative_paths_stay_relative_to_the_working_directory() -> None:
+    cfg = parse_config(world(security={"token_file": "client.token", "worker_token_env": "W"}))
+    assert cfg.security.token_file == Path("client.token")
+
+
+def test_every_path_key_of_the_config_follows_the_rule() -> None:
+    """A new key typed as a path without ConfigPath would open files relative to the working
+    directory again: every Path-typed field carries the rule, and PATH_KEYS lists them all."""
+
+    def walk(model: type[BaseModel], prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        for name, info in model.model_fields.items():
+            key = (*prefix, name)
+            typed = repr(info.annotation) + repr(info.metadata)
+            if "_in_config_dir" in typed:  # ConfigPath, CheckpointPath
+                yield key
+            else:
+                assert "Path" not in typed, f"{'.'.join(key)}: a path without ConfigPath"
+            for arg in (info.annotation, *typing.get_args(info.annotation)):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    yield from walk(arg, key)
+
+    assert sorted(walk(WorldConfig, ())) == sorted(PATH_KEYS)
+
+
+def test_a_token_file_next_to_the_yaml_is_read_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moe_serve.transport.auth import load_tokens
+
+    (tmp_path / "client.token").write_text("client-secret\n")
+    (tmp_path / "worker.token").write_text("worker-secret\n")
+    data = world(security={"token_file": "client.token", "worker_token_file": "worker.token"})
+    (tmp_path / "world.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir("/")
+    cfg = load_config(tmp_path / "world.yaml")
+    assert load_tokens(cfg.security) == ("client-secret", "worker-secret")

@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_serve.client import MoEClient
 from moe_serve.config import WorldConfig, load_config, parse_address
 from moe_serve.tools.demo import free_ports
-from tests.conftest import Cluster, world
+from tests.conftest import Cluster, InProcessCluster, world
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -723,11 +723,11 @@ def dashboard_queries() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def live(cluster_factory: Any) -> Cluster:
-    """A master and two workers that have served a few requests."""
+def live(in_process_factory: Any) -> InProcessCluster:
+    """A master and two workers (in-process) that have served a few requests."""
     # A capacity factor below 1 makes the master drop pairs, so that labelled counter has
     # samples too (labelled series appear only once incremented).
-    cluster: Cluster = cluster_factory(world(routing={"capacity_factor": 0.5}))
+    cluster: InProcessCluster = in_process_factory(world(routing={"capacity_factor": 0.5}))
     with MoEClient(cluster.address) as client:
         for tokens in (1, 4, 32):
             client.infer(torch.randn(tokens, 64), layer=0)
@@ -757,15 +757,18 @@ def run_healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.e2e
-def test_image_healthcheck_passes_for_a_serving_master_and_worker(live: Cluster) -> None:
-    config = live.log_path.parent / "world.yaml"  # where start_up wrote it
+@pytest.mark.e2e  # runs `moe-serve health` processes
+def test_image_healthcheck_passes_for_a_serving_master_and_worker(
+    live: InProcessCluster, tmp_path: Path
+) -> None:
+    config = live.write_config(tmp_path / "world.yaml")
     for address in (live.address, live.cfg.workers[0].address):
         for extra in ({}, {"MOE_SERVE_HEALTH_CONFIG": str(config)}):
             result = run_healthcheck({"MOE_SERVE_HEALTH_ADDRESS": address, **extra})
             assert result.returncode == 0, (address, extra, result.stdout + result.stderr)
 
 
+@pytest.mark.e2e  # runs a `moe-serve health` process
 def test_image_healthcheck_fails_where_nothing_serves() -> None:
     (port,) = free_ports(1)
     result = run_healthcheck({"MOE_SERVE_HEALTH_ADDRESS": f"127.0.0.1:{port}"})
@@ -794,14 +797,12 @@ def unknown_selectors(
     return bad
 
 
-@pytest.mark.e2e
 def test_dashboard_uses_only_exported_metrics(exported: dict[str, frozenset[str]]) -> None:
     queries = list(dashboard_queries())
     assert len(queries) > 10
     assert unknown_selectors(queries, exported) == []
 
 
-@pytest.mark.e2e
 def test_alert_and_recording_rules_use_only_exported_metrics(
     exported: dict[str, frozenset[str]],
 ) -> None:

@@ -1,6 +1,7 @@
-"""End to end through `moe-serve up`: outputs equal the in-process reference.
+"""End to end through real processes: outputs equal the in-process reference.
 
-Every cluster is real processes on loopback (master + workers), reached through the SDK.
+Every cluster is child processes on loopback (master + workers, started by the launcher of
+`moe-serve up`), reached through the SDK. Ports are picked when a cluster starts.
 """
 
 from __future__ import annotations
@@ -21,27 +22,28 @@ TOKENS = (1, 5, 64, 300)
 
 # Layer 0: experts split 4/4. Layer 1: per-layer placement, and w1 spreads its experts
 # over two device slots (two expert stacks on the CPU exercise the multi-device path).
-SPLIT = world(
-    model={"moe_layers": [0, 1]},
-    workers=[
+SPLIT = {
+    "model": {"moe_layers": [0, 1]},
+    "workers": [
         {"experts": {0: [0, 1, 2, 3], 1: [0, 1, 2, 5]}},
         {"experts": {0: [4, 5, 6, 7], 1: [3, 4, 6, 7]}, "devices": ["cpu", "cpu"]},
     ],
-)
-VARIANTS = {
-    "glu-silu-top1": world(model={"expert_kind": "glu", "activation": "silu", "top_k": 1}),
-    "mlp-relu-top2": world(model={"expert_kind": "mlp", "activation": "relu"}),
-    "glu-tanh-sigmoid": world(
-        model={"expert_kind": "glu", "activation": "tanh"},
-        routing={"scoring": "sigmoid", "normalize_topk": False},
-    ),
-    "capacity-drops": world(model={"activation": "gelu"}, routing={"capacity_factor": 0.5}),
+}
+# world() arguments of each variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "glu-silu-top1": {"model": {"expert_kind": "glu", "activation": "silu", "top_k": 1}},
+    "mlp-relu-top2": {"model": {"expert_kind": "mlp", "activation": "relu"}},
+    "glu-tanh-sigmoid": {
+        "model": {"expert_kind": "glu", "activation": "tanh"},
+        "routing": {"scoring": "sigmoid", "normalize_topk": False},
+    },
+    "capacity-drops": {"model": {"activation": "gelu"}, "routing": {"capacity_factor": 0.5}},
 }
 
 
 @pytest.fixture(scope="module")
 def split(cluster_factory: Any) -> Cluster:
-    return cluster_factory(SPLIT)
+    return cluster_factory(world(**SPLIT))
 
 
 def _parity(cluster: Cluster, layer: int, tokens: int, seed: int) -> tuple[float, Any, Any]:
@@ -66,7 +68,7 @@ def test_split_over_two_workers_matches_reference(split: Cluster, layer: int, to
 def test_kind_activation_and_routing_variants_match_reference(
     cluster_factory: Any, name: str
 ) -> None:
-    cluster = cluster_factory(VARIANTS[name])
+    cluster = cluster_factory(world(**VARIANTS[name]))
     for tokens in TOKENS:
         err, routing, ref_routing = _parity(cluster, 0, tokens, seed=tokens)
         assert err <= FP32_TOL, f"{name} T={tokens}"
@@ -75,7 +77,7 @@ def test_kind_activation_and_routing_variants_match_reference(
 
 
 def test_capacity_factor_drops_the_same_pairs_as_the_reference(cluster_factory: Any) -> None:
-    cluster = cluster_factory(VARIANTS["capacity-drops"])
+    cluster = cluster_factory(world(**VARIANTS["capacity-drops"]))
     _, routing, ref_routing = _parity(cluster, 0, 256, seed=3)
     # cf=0.5 halves capacity: at least half of the 512 pairs must be dropped.
     assert routing.dropped_pairs >= 256

@@ -220,8 +220,8 @@ def test_the_master_takes_a_worker_answer_for_region_lost_on_the_reason_alone(
 
     async def main() -> BaseException:
         async with in_process(config, worker) as world_:
-            pool, gate = world_.master.pool, world_.master.gates[0]
-            (sl,) = dispatch(gate(x, losses=False), world_.master._owners(0, x.device), 1)
+            pool, gate = world_.master.pool, world_.master.engine.gates[0]
+            (sl,) = dispatch(gate(x, losses=False), world_.master.engine.owners(0, x.device), 1)
             with pytest.raises(MoEError) as err:
                 await pool.forward(0, x, sl, 5.0)
         return err.value

@@ -1,10 +1,11 @@
 """Replicas and failover: load spreads over replicas, a killed worker costs no request, a
 restarted one gets traffic back, and an expert with no live replica fails promptly.
 
-Master and workers run as separate processes here (not under `moe-serve up`, which stops
-the whole cluster when one child exits), each stopped by pid; where the process boundary is
-not what is tested (flapping replicas, the accounting of resend rounds, error messages),
-real servers run in-process on loopback.
+Where a process is killed, frozen or signalled, master and workers run as separate child
+processes (tests/support ProcessCluster: the launcher of `moe-serve up`, without its stop-all
+on a child's exit), each stopped by pid, and the test is marked e2e; everywhere else (load
+spreading, flapping replicas, the accounting of resend rounds, error messages) real servers
+run in-process on port 0.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-import yaml
 
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.config import WorldConfig, parse_config
@@ -33,87 +31,53 @@ from moe_serve.errors import DeadlineError, WorkerUnavailableError
 from moe_serve.layer.dispatch import combine, dispatch
 from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.master import workers as master_workers
+from moe_serve.master.engine import MasterEngine
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
-from moe_serve.metrics import MasterMetrics, WorkerMetrics
+from moe_serve.metrics import MasterMetrics
 from moe_serve.tools.launcher import is_serving
-from moe_serve.transport.server import Served, serve_service
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
 from moe_serve.worker.server import build_engine
 from moe_serve.worker.service import WorkerService
-from tests.conftest import world
+from tests.support.cluster import (
+    Cluster,
+    InProcessCluster,
+    ProcessCluster,
+    serve_world,
+    world,
+)
 from tests.test_metrics import scrape, total
 
-pytestmark = pytest.mark.e2e
-
 FP32_TOL = 1e-5
-START_TIMEOUT_S = 120.0
 ALL = list(range(8))
 
 
-class Parts:
-    """A master and its workers as separate processes."""
-
-    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
-        self.cfg: WorldConfig = parse_config(config)
-        self.path = tmp / "world.yaml"
-        self.path.write_text(yaml.safe_dump(config))
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        for w in self.cfg.workers:
-            self.start_worker(w.id)
-        self.procs["master"] = self._spawn("master", "master")
-        self.wait(self.cfg.master.listen)
-
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-        return subprocess.Popen(
-            [sys.executable, "-m", "moe_serve", *args, "--config", str(self.path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def start_worker(self, worker_id: str) -> None:
-        self.procs[worker_id] = self._spawn(worker_id, "worker", "--worker-id", worker_id)
-
-    def wait(self, address: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not is_serving(address, timeout=0.5):
-            assert time.monotonic() < deadline, f"{address} did not serve"
-            time.sleep(0.1)
-
-    def kill(self, name: str) -> None:
-        os.kill(self.procs[name].pid, signal.SIGKILL)
-        self.procs[name].wait()
-
-    def metrics(self) -> dict:
-        return scrape(f"http://127.0.0.1:{self.cfg.master.metrics_port}/metrics")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+REPLICATED = {"workers": [{"experts": ALL}, {"experts": ALL}]}
 
 
 @pytest.fixture
-def replicated(tmp_path: Path) -> Iterator[Parts]:
-    parts = Parts(world(workers=[{"experts": ALL}, {"experts": ALL}]), tmp_path)
+def replicated(tmp_path: Path) -> Iterator[ProcessCluster]:
+    parts = ProcessCluster(world(**REPLICATED), tmp_path)
     yield parts
     parts.stop()
 
 
-def _calls(parts: Parts, worker: str) -> float:
-    return total(parts.metrics(), "moe_serve_worker_calls_total", worker=worker)
+@pytest.fixture
+def replicated_here() -> Iterator[InProcessCluster]:
+    cluster = InProcessCluster(world(**REPLICATED))
+    yield cluster
+    cluster.stop()
 
 
-def test_replicated_experts_spread_calls_over_both_workers(replicated: Parts) -> None:
+def _calls(parts: Cluster, worker: str) -> float:
+    return total(scrape(parts.metrics_url()), "moe_serve_worker_calls_total", worker=worker)
+
+
+def test_replicated_experts_spread_calls_over_both_workers(
+    replicated_here: InProcessCluster,
+) -> None:
+    replicated = replicated_here
     with MoEClient(replicated.cfg.master.listen) as client:
         for i in range(20):
             client.infer(torch.randn(16, 64, generator=torch.Generator().manual_seed(i)))
@@ -121,18 +85,24 @@ def test_replicated_experts_spread_calls_over_both_workers(replicated: Parts) ->
     assert _calls(replicated, "w1") >= 5
 
 
-def test_one_request_is_split_token_by_token_over_idle_replicas(replicated: Parts) -> None:
+def test_one_request_is_split_token_by_token_over_idle_replicas(
+    replicated_here: InProcessCluster,
+) -> None:
+    replicated = replicated_here
     with MoEClient(replicated.cfg.master.listen) as client:
         client.infer(torch.randn(64, 64))  # 64 tokens x top-2 = 128 pairs, nothing in flight
     pairs = {
-        w: total(replicated.metrics(), "moe_serve_worker_pairs_total", worker=w)
+        w: total(scrape(replicated.metrics_url()), "moe_serve_worker_pairs_total", worker=w)
         for w in ("w0", "w1")
     }
     assert pairs == {"w0": 64.0, "w1": 64.0}  # 32 tokens each, both of a token's pairs together
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("round_", [1, 2, 3])
-def test_killing_one_replica_under_load_fails_no_request(replicated: Parts, round_: int) -> None:
+def test_killing_one_replica_under_load_fails_no_request(
+    replicated: ProcessCluster, round_: int
+) -> None:
     ref = ReferenceMoE(replicated.cfg.model, replicated.cfg.routing)
     xs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(50 + i)) for i in range(8)]
     expected = [ref.forward(x, 0)[0] for x in xs]
@@ -155,7 +125,7 @@ def test_killing_one_replica_under_load_fails_no_request(replicated: Parts, roun
             *(client_loop(x, e, until) for x, e in zip(xs, expected, strict=True))
         )
         await asyncio.sleep(1.0)
-        replicated.kill(f"w{round_ % 2}")  # SIGKILL while 8 clients are mid-flight
+        replicated.kill(f"worker w{round_ % 2}")  # SIGKILL while 8 clients are mid-flight
         await load
 
     asyncio.run(main())
@@ -163,13 +133,14 @@ def test_killing_one_replica_under_load_fails_no_request(replicated: Parts, roun
     assert len(outcomes) >= 40 and failed == [], failed[:3]
 
 
-def test_restarted_worker_gets_traffic_again_within_5_s(replicated: Parts) -> None:
+@pytest.mark.e2e
+def test_restarted_worker_gets_traffic_again_within_5_s(replicated: ProcessCluster) -> None:
     address = replicated.cfg.master.listen
     with MoEClient(address) as client:
-        replicated.kill("w1")
+        replicated.kill("worker w1")
         client.infer(torch.randn(4, 64))  # served by w0 alone
         replicated.start_worker("w1")
-        replicated.wait(replicated.cfg.worker("w1").address)
+        replicated.wait_serving(["worker w1"])
         back_at, before = time.monotonic(), _calls(replicated, "w1")
         while _calls(replicated, "w1") == before:
             assert time.monotonic() - back_at < 5.0, "w1 got no traffic 5 s after it served"
@@ -177,10 +148,11 @@ def test_restarted_worker_gets_traffic_again_within_5_s(replicated: Parts) -> No
             time.sleep(0.05)
 
 
+@pytest.mark.e2e
 def test_expert_without_a_live_replica_fails_promptly_naming_it(tmp_path: Path) -> None:
-    parts = Parts(world(), tmp_path)  # experts 0-3 on w0 only, 4-7 on w1 only
+    parts = ProcessCluster(world(), tmp_path)  # experts 0-3 on w0 only, 4-7 on w1 only
     try:
-        parts.kill("w1")
+        parts.kill("worker w1")
         with MoEClient(parts.cfg.master.listen) as client:
             start = time.monotonic()
             with pytest.raises(MoEServeError) as err:
@@ -195,10 +167,11 @@ def test_expert_without_a_live_replica_fails_promptly_naming_it(tmp_path: Path) 
         parts.stop()
 
 
+@pytest.mark.e2e
 def test_frozen_replica_is_bypassed_within_the_deadline_and_comes_back(tmp_path: Path) -> None:
     config = world(workers=[{"experts": ALL}, {"experts": ALL}], master={"worker_timeout_s": 1.0})
-    parts = Parts(config, tmp_path)
-    pid = parts.procs["w1"].pid
+    parts = ProcessCluster(config, tmp_path)
+    pid = parts.pid("worker w1")
     try:
         with MoEClient(parts.cfg.master.listen, timeout=20) as client:
             os.kill(pid, signal.SIGSTOP)  # frozen: connection open, no answers
@@ -217,8 +190,9 @@ def test_frozen_replica_is_bypassed_within_the_deadline_and_comes_back(tmp_path:
         parts.stop()
 
 
+@pytest.mark.e2e
 def test_sigterm_drains_a_worker_under_load_without_failing_a_request(
-    replicated: Parts,
+    replicated: ProcessCluster,
 ) -> None:
     outcomes: list[str] = []
 
@@ -235,20 +209,22 @@ def test_sigterm_drains_a_worker_under_load_without_failing_a_request(
         until = time.monotonic() + 4.0
         load = asyncio.gather(*(client_loop(until) for _ in range(8)))
         await asyncio.sleep(1.0)
-        replicated.procs["w1"].send_signal(signal.SIGTERM)
+        replicated.procs["worker w1"].send_signal(signal.SIGTERM)
         await load
 
     asyncio.run(main())
-    assert replicated.procs["w1"].wait(timeout=30) == 0  # drained and exited cleanly
+    assert replicated.procs["worker w1"].wait(timeout=30) == 0  # drained and exited cleanly
     failed = [o for o in outcomes if o != "ok"]
     assert len(outcomes) >= 40 and failed == [], failed[:3]
 
 
+@pytest.mark.e2e
 def test_sigterm_on_the_master_refuses_new_calls_as_draining_and_finishes_in_flight_ones(
     tmp_path: Path,
 ) -> None:
-    parts = Parts(world(workers=[{"experts": ALL}], master={"worker_timeout_s": 20.0}), tmp_path)
-    worker, master = parts.procs["w0"].pid, parts.procs["master"]
+    config = world(workers=[{"experts": ALL}], master={"worker_timeout_s": 20.0})
+    parts = ProcessCluster(config, tmp_path)
+    worker, master = parts.pid("worker w0"), parts.procs["master"]
     address = parts.cfg.master.listen
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(9))
     want = ReferenceMoE(parts.cfg.model, parts.cfg.routing).forward(x, 0)[0]
@@ -275,13 +251,14 @@ def test_sigterm_on_the_master_refuses_new_calls_as_draining_and_finishes_in_fli
         parts.stop()
 
 
+@pytest.mark.e2e
 def test_the_ready_gauge_follows_the_masters_health(tmp_path: Path) -> None:
-    parts = Parts(world(), tmp_path)  # experts 4-7 on w1 only
+    parts = ProcessCluster(world(), tmp_path)  # experts 4-7 on w1 only
     try:
-        assert total(parts.metrics(), "moe_serve_master_ready") == 1.0
-        parts.kill("w1")
+        assert total(scrape(parts.metrics_url()), "moe_serve_master_ready") == 1.0
+        parts.kill("worker w1")
         deadline = time.monotonic() + 5.0
-        while total(parts.metrics(), "moe_serve_master_ready") != 0.0:
+        while total(scrape(parts.metrics_url()), "moe_serve_master_ready") != 0.0:
             assert time.monotonic() < deadline, "moe_serve_master_ready still 1 after 5 s"
             time.sleep(0.1)
         assert not is_serving(parts.cfg.master.listen)
@@ -315,40 +292,10 @@ async def in_process(
     worker: Callable[[WorkerEngine, DynamicBatcher], WorkerService] = WorkerService,
 ) -> AsyncIterator[InProcess]:
     """Real worker servers (servicer built by `worker`) and a real master, all on the running
-    loop, health-probed as in a master process."""
-    cfg = parse_config(config)
-    metrics = MasterMetrics()
-    pool = WorkerPool(cfg, metrics)
-    master = MasterService(cfg, pool, metrics)
-    batchers, servers, servicers = [master.batcher], list[Served](), {}
-    try:
-        for w in cfg.workers:
-            engine = build_engine(cfg, w.id)
-            batcher = DynamicBatcher(engine, cfg.batching, WorkerMetrics())
-            batchers.append(batcher)
-            batcher.start()
-            servicers[w.id] = worker(engine, batcher)
-            limit = cfg.master.max_message_bytes
-            servers.append(
-                await serve_service("ExpertWorker", servicers[w.id], w.address, limit, "address")
-            )
-        master.batcher.start()
-        servers.append(
-            await serve_service("MoEMaster", master, cfg.master.listen, limit, "master.listen")
-        )
-        await pool.probe()
-
-        async def ignore(up: list[bool]) -> None:
-            pass
-
-        pool.start_watch(ignore)
-        yield InProcess(cfg, master, servicers)
-    finally:
-        for served in servers:
-            await served.server.stop(0)
-        for b in batchers:
-            await b.stop()
-        await pool.close()
+    loop on port 0 (tests/support serve_world: the factories the CLI runs)."""
+    async with serve_world(config, worker) as w:
+        services = {name: server.service for name, server in w.workers.items()}
+        yield InProcess(w.cfg, w.master.service, services)
 
 
 PROBE_S = 0.02  # the master's health probe interval in the flapping test
@@ -449,14 +396,14 @@ def _resend(
 
     async def main() -> tuple[Any, torch.Tensor | None, int, int]:
         pool = FlakyLocalPool(cfg, build_engine(cfg, "w0"), fails)
-        service = MasterService(cfg, pool, pool.metrics)
-        slices = dispatch(service.gates[0](x, losses=False), service._owners(0, x.device), 2)
+        engine = MasterEngine(cfg, pool, pool.metrics)
+        slices = dispatch(engine.gates[0](x, losses=False), engine.owners(0, x.device), 2)
         results = await asyncio.gather(
             *(pool.forward(0, x, sl, 5.0) for sl in slices), return_exceptions=True
         )
         deadline = asyncio.get_running_loop().time() + 5.0
         try:
-            done, parts = await service._fail_over(0, x, slices, results, deadline)
+            done, parts = await engine._fail_over(0, x, slices, results, deadline)
             outcome: Any = done
             out = combine(16, 64, done, parts, x.device)
         except WorkerUnavailableError as exc:
@@ -544,8 +491,8 @@ def test_worker_call_errors_name_the_worker_by_id_and_never_its_address() -> Non
 
     async def main() -> tuple[BaseException, BaseException, str]:
         async with in_process(config, SlowWorker) as world_:
-            pool, gate = world_.master.pool, world_.master.gates[0]
-            (sl,) = dispatch(gate(x, losses=False), world_.master._owners(0, x.device), 1)
+            pool, gate = world_.master.pool, world_.master.engine.gates[0]
+            (sl,) = dispatch(gate(x, losses=False), world_.master.engine.owners(0, x.device), 1)
             with pytest.raises(DeadlineError) as late:  # the caller's deadline passes first
                 await pool.forward(0, x, sl, 0.3)
             address = world_.cfg.worker("w0").address

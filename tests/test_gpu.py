@@ -131,6 +131,32 @@ def test_wire_pinned_staging_has_no_cross_talk_between_threads() -> None:
         assert all(pool.map(round_trip, range(8)))
 
 
+def test_wire_staging_made_under_inference_mode_serves_calls_outside_it() -> None:
+    import threading
+
+    from moe_serve.transport.wire import parse, serialize, tensor_from_pb
+    from moe_serve.v1 import moe_pb2 as pb
+
+    def round_trip(rows: int) -> bool:
+        t = torch.randn(rows, 512, device="cuda:0")
+        data = serialize(pb.ForwardResponse(), {"output": t})
+        return bool(
+            torch.equal(tensor_from_pb(parse(pb.ForwardResponse, data).output, "output"), t.cpu())
+        )
+
+    results: list[bool] = []
+
+    def thread() -> None:  # a fresh thread: its staging buffer is made by the first call
+        with torch.inference_mode():
+            results.append(round_trip(8))
+        results.append(round_trip(8))  # raised "Inplace update to inference tensor" before
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    assert results == [True, True]
+
+
 def test_wire_stages_every_cuda_tensor_of_a_message_in_its_own_bytes() -> None:
     from moe_serve.transport.wire import parse, serialize, tensor_from_pb
     from moe_serve.v1 import moe_pb2 as pb

@@ -31,13 +31,13 @@ async def _together(address: str, xs: list[torch.Tensor], routing: bool = False)
 
 
 @pytest.fixture(scope="module")
-def windowed(cluster_factory: Any) -> Cluster:
-    return cluster_factory(world(master={"batch_delay_us": WINDOW_US}))
+def windowed(in_process_factory: Any) -> Cluster:
+    return in_process_factory(world(master={"batch_delay_us": WINDOW_US}))
 
 
 @pytest.fixture(scope="module")
-def capped(cluster_factory: Any) -> Cluster:
-    return cluster_factory(
+def capped(in_process_factory: Any) -> Cluster:
+    return in_process_factory(
         world(routing={"capacity_factor": 0.5}, master={"batch_delay_us": WINDOW_US})
     )
 
@@ -85,8 +85,10 @@ def test_an_invalid_call_fails_alone_in_its_batch(windowed: Cluster) -> None:
     assert all(isinstance(r, torch.Tensor) for i, r in enumerate(results) if i != 1)
 
 
-def test_batches_stay_within_max_batch_tokens(cluster_factory: Any) -> None:
-    cluster = cluster_factory(world(master={"batch_delay_us": WINDOW_US, "max_batch_tokens": 64}))
+def test_batches_stay_within_max_batch_tokens(in_process_factory: Any) -> None:
+    cluster = in_process_factory(
+        world(master={"batch_delay_us": WINDOW_US, "max_batch_tokens": 64})
+    )
     asyncio.run(_together(cluster.address, [_x(32, i) for i in range(8)]))
     samples = scrape(cluster.metrics_url())
     name = "moe_serve_master_batch_requests"
@@ -96,9 +98,11 @@ def test_batches_stay_within_max_batch_tokens(cluster_factory: Any) -> None:
 
 
 def test_overload_beyond_max_pending_tokens_is_refused_then_service_recovers(
-    cluster_factory: Any,
+    in_process_factory: Any,
 ) -> None:
-    cluster = cluster_factory(world(master={"batch_delay_us": WINDOW_US, "max_pending_tokens": 64}))
+    cluster = in_process_factory(
+        world(master={"batch_delay_us": WINDOW_US, "max_pending_tokens": 64})
+    )
     results = asyncio.run(_together(cluster.address, [_x(32, i) for i in range(8)]))
     refused = [r for r in results if isinstance(r, MoEServeError)]
     served = [r for r in results if isinstance(r, torch.Tensor)]

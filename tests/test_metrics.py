@@ -1,4 +1,5 @@
-"""The Prometheus endpoints of master and workers, scraped for real after traffic."""
+"""The Prometheus endpoints of master and workers, scraped for real after traffic (servers
+in-process on port 0, their exporters on port 0 too)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_serve.client import MoEClient, MoEServeError
 from moe_serve.tools.demo import free_ports
 from tests.conftest import Cluster, world
-
-pytestmark = pytest.mark.e2e
 
 MASTER_NAMES = {
     "moe_serve_requests_total",
@@ -59,23 +58,23 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def cluster(cluster_factory: Any) -> Cluster:
+def cluster(in_process_factory: Any) -> Cluster:
     """Master and workers listening on 127.0.0.1: every exporter stays on 127.0.0.1."""
     config = world(model={"top_k": 2})
     for w in config["workers"]:
         w["listen"] = w["address"]
-    return cluster_factory(config)
+    return in_process_factory(config)
 
 
 @pytest.fixture(scope="module")
-def opened(cluster_factory: Any) -> Cluster:
+def opened(in_process_factory: Any) -> Cluster:
     """metrics_host 0.0.0.0 on the master and w1; w0 listens on [::1] (its exporter too)."""
     config = world()
     config["master"]["metrics_host"] = "0.0.0.0"
     w0, w1 = config["workers"]
     w0["address"] = w0["listen"] = w0["address"].replace("127.0.0.1", "[::1]")
     w1["listen"], w1["metrics_host"] = w1["address"], "0.0.0.0"
-    return cluster_factory(config)
+    return in_process_factory(config)
 
 
 def other_local_address() -> str:
@@ -188,6 +187,7 @@ def prometheus_query(url: str, query: str) -> list[dict[str, Any]]:
         return json.loads(reply.read())["data"]["result"]
 
 
+@pytest.mark.e2e  # starts a prometheus server process
 @pytest.mark.skipif(which("prometheus") is None, reason="needs the prometheus server binary")
 def test_a_prometheus_server_scrapes_master_and_workers_on_loopback(
     cluster: Cluster, tmp_path: Path

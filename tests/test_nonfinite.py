@@ -20,10 +20,8 @@ import torch
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.weights import SyntheticWeights
-from tests.conftest import Cluster, alive, world
+from tests.conftest import Cluster, world
 from tests.test_metrics import scrape, total
-
-pytestmark = pytest.mark.e2e
 
 TOL = 1e-5
 GOOD_CALLS = 12
@@ -42,14 +40,14 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def clusters(cluster_factory: Any) -> Callable[[str], Cluster]:
+def clusters(in_process_factory: Any) -> Callable[[str], Cluster]:
     """One cluster per model dtype, started on first use."""
     started: dict[str, Cluster] = {}
 
     def get(dtype: str) -> Cluster:
         if dtype not in started:
             config = world(model={"dtype": dtype}, master={"batch_delay_us": WINDOW_US})
-            started[dtype] = cluster_factory(config)
+            started[dtype] = in_process_factory(config)
         return started[dtype]
 
     return get
@@ -135,7 +133,7 @@ def test_poisoned_row_fails_alone_while_12_concurrent_good_calls_match_their_qui
     name = "moe_serve_master_batch_requests"
     passes = total(after, f"{name}_count") - total(before, f"{name}_count")
     assert passes <= 6 * ROUNDS
-    assert cluster.proc.poll() is None and all(alive(pid) for pid in cluster.child_pids())
+    assert cluster.running()
     with MoEClient(cluster.address) as client:  # still serving
         assert _max_err(client.infer(goods[0]), quiet[0]) <= TOL
 

@@ -368,19 +368,19 @@ def test_a_region_its_owner_closed_is_dropped_to_make_room(region: SharedRegion)
 
 
 @pytest.fixture(scope="module")
-def shared(cluster_factory: Any) -> Cluster:
-    return cluster_factory(world())
+def shared(in_process_factory: Any) -> Cluster:
+    return in_process_factory(world())
 
 
 @pytest.fixture(scope="module")
-def plain(cluster_factory: Any) -> Cluster:
-    return cluster_factory(world(master={"shared_memory_bytes": 0}))
+def plain(in_process_factory: Any) -> Cluster:
+    return in_process_factory(world(master={"shared_memory_bytes": 0}))
 
 
 @pytest.fixture(scope="module")
-def tiny(cluster_factory: Any) -> Cluster:
+def tiny(in_process_factory: Any) -> Cluster:
     # Room for 32 x 64 float32 rows in and out: every slice worth sharing falls back to bytes.
-    return cluster_factory(world(master={"shared_memory_bytes": ALIGN + 2 * 32 * 64 * 4}))
+    return in_process_factory(world(master={"shared_memory_bytes": ALIGN + 2 * 32 * 64 * 4}))
 
 
 def _x(tokens: int, seed: int) -> torch.Tensor:

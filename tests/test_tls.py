@@ -27,7 +27,7 @@ from moe_serve.transport.auth import metadata
 from moe_serve.transport.tls import channel as tls_channel
 from moe_serve.transport.tls import check, server_credentials
 from moe_serve.v1 import moe_pb2 as pb
-from tests.conftest import Cluster, start_up, stop_up, world
+from tests.conftest import Cluster, InProcessCluster, world
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gen_test_certs.sh"
 TOKEN = "tls-test-token"
@@ -60,7 +60,9 @@ def tls_section(certs: Path, client_auth: bool) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def tls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def tls_cluster(
+    certs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessCluster]:
     """Server-authenticated TLS on the master and both workers, plus a bearer token."""
     tokens = tmp_path_factory.mktemp("token")
     (tokens / "token").write_text(TOKEN)
@@ -70,13 +72,15 @@ def tls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "worker_token_file": str(tokens / "worker-token"),
         "tls": tls_section(certs, client_auth=False),
     }
-    cluster = start_up(world(security=security), tmp_path_factory.mktemp("tls"))
+    cluster = InProcessCluster(world(security=security))
     yield cluster
-    stop_up(cluster)
+    cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def mtls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def mtls_cluster(
+    certs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InProcessCluster]:
     """Mutual TLS: every server requires a client certificate signed by the test CA; the
     workers also want the worker token, which only the master holds."""
     worker_token = tmp_path_factory.mktemp("worker-token") / "token"
@@ -85,9 +89,9 @@ def mtls_cluster(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "worker_token_file": str(worker_token),
         "tls": tls_section(certs, client_auth=True),
     }
-    cluster = start_up(world(security=security), tmp_path_factory.mktemp("mtls"))
+    cluster = InProcessCluster(world(security=security))
     yield cluster
-    stop_up(cluster)
+    cluster.stop()
 
 
 def refusal(address: str, **client_args: object) -> MoEServeError:
@@ -124,7 +128,7 @@ def test_a_plaintext_client_to_a_tls_master_fails_cleanly(tls_cluster: Cluster) 
     start = time.monotonic()
     assert refusal(tls_cluster.address, token=TOKEN).code == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - start < 5.5  # refused, not hung past the deadline
-    assert tls_cluster.proc.poll() is None  # the cluster is still up
+    assert tls_cluster.running()  # the cluster is still up
 
 
 def test_the_master_still_serves_after_a_plaintext_attempt(
@@ -169,8 +173,11 @@ def test_health_answers_over_tls_without_a_token(tls_cluster: Cluster, certs: Pa
     assert not is_serving(tls_cluster.address, timeout=2)  # plaintext: no answer
 
 
-def test_the_health_command_dials_with_the_configs_tls(tls_cluster: Cluster) -> None:
-    config = tls_cluster.log_path.parent / "world.yaml"
+@pytest.mark.e2e
+def test_the_health_command_dials_with_the_configs_tls(
+    tls_cluster: InProcessCluster, tmp_path: Path
+) -> None:
+    config = tls_cluster.write_config(tmp_path / "world.yaml")
     cmd = [sys.executable, "-m", "moe_serve", "health", "--config", str(config)]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -219,7 +226,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(
 ) -> None:
     err = refusal(mtls_cluster.address, tls=ClientTLS(ca=certs / "ca.pem"))
     assert err.code == grpc.StatusCode.UNAVAILABLE
-    assert mtls_cluster.proc.poll() is None
+    assert mtls_cluster.running()
 
 
 def test_mutual_tls_refuses_a_client_certificate_of_another_ca(
@@ -261,6 +268,7 @@ def test_a_ca_file_that_is_not_pem_is_a_config_error_naming_the_key(
         check(cfg)
 
 
+@pytest.mark.e2e
 def test_a_worker_with_a_bad_certificate_exits_2_naming_the_key(
     certs: Path, other_certs: Path, tmp_path: Path
 ) -> None:

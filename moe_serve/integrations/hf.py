@@ -388,7 +388,7 @@ def _install_output_hooks(model: nn.Module, block_names: list[str]) -> None:
     # The hooks are installed by the model whose forward records outputs, the innermost
     # PreTrainedModel around the layers (MixtralModel, not MixtralForCausalLM); installing
     # from an outer one would hook the inner one's modules a second time.
-    owners: dict[int, nn.Module] = {}
+    owners: dict[int, PreTrainedModel] = {}
     for name in block_names:
         parts = name.split(".")
         for n in range(len(parts) - 1, -1, -1):

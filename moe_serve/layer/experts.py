@@ -132,11 +132,11 @@ class ExpertStack:
         if self.grouped_mm:
             # Group ends per slot, computed on the device: no host sync on this path
             # (bincount would read the largest slot back to size its output).
-            counts = torch.zeros(self.num_experts, dtype=torch.int64, device=slot.device)
-            counts.scatter_add_(0, slot, torch.ones_like(slot))
-            return self._grouped(x, counts.cumsum(0).to(torch.int32), slot)
+            per_slot = torch.zeros(self.num_experts, dtype=torch.int64, device=slot.device)
+            per_slot.scatter_add_(0, slot, torch.ones_like(slot))
+            return self._grouped(x, per_slot.cumsum(0).to(torch.int32), slot)
         # Host sync: the per-expert slice sizes decide how the loop cuts the batch.
-        counts = torch.bincount(slot, minlength=self.num_experts).tolist()
+        counts: list[int] = torch.bincount(slot, minlength=self.num_experts).tolist()
         out = torch.empty_like(x)
         start = 0
         for s, n in enumerate(counts):

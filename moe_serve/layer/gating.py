@@ -176,7 +176,9 @@ def route(
     """
     E = router.shape[0]
     scores = gate_scores(x, router, cfg.scoring, cfg.router_dtype)  # [T, E]
-    groups = None if cfg.n_group is None else (cfg.n_group, cfg.topk_group, cfg.group_scoring)
+    groups = None  # RoutingConfig sets n_group and topk_group both or neither
+    if cfg.n_group is not None and cfg.topk_group is not None:
+        groups = (cfg.n_group, cfg.topk_group, cfg.group_scoring)
     ids, weights = select_top_k(  # [T, K]
         scores,
         k,

@@ -31,7 +31,7 @@ from moe_serve.metrics import MasterMetrics
 from moe_serve.transport.auth import metadata
 from moe_serve.transport.calls import message_options, unary_call
 from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
-from moe_serve.transport.tls import ClientTLS, aio_channel
+from moe_serve.transport.tls import ClientTLS, aio_channel, handshake_failure
 from moe_serve.transport.wire import serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
@@ -57,9 +57,9 @@ class WorkerPool:
         self.workers = cfg.workers
         self.metrics = metrics
         options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
-        tls = ClientTLS.from_config(cfg.security.tls)
+        self._tls = ClientTLS.from_config(cfg.security.tls)
         self._channels = [
-            aio_channel(w.address, tls, options, field="security.tls") for w in cfg.workers
+            aio_channel(w.address, self._tls, options, field="security.tls") for w in cfg.workers
         ]
         self._forward = [
             unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in self._channels
@@ -72,6 +72,9 @@ class WorkerPool:
         self._metadata = metadata(token)  # the bearer token, on every call but health
         self.region = _open_region(cfg)
         self.attached = [False] * len(cfg.workers)  # has mapped self.region
+        # Why each worker's last TLS handshake failed, in an operator's words (None: it did
+        # not, or TLS is off); a failed call's UNAVAILABLE message for the worker carries it.
+        self.tls_failures: list[str | None] = [None] * len(cfg.workers)
         self._watch: asyncio.Task[None] | None = None
         for w in cfg.workers:
             metrics.worker_up.labels(w.id).set(0)
@@ -80,7 +83,9 @@ class WorkerPool:
         if self.healthy[index] != up:
             log.info("worker %s is %s", self.workers[index].id, "up" if up else "down")
         self.healthy[index] = up
-        if not up:
+        if up:
+            self.tls_failures[index] = None
+        else:
             self.attached[index] = False  # a restarted worker has lost its mapping
         self.metrics.worker_up.labels(self.workers[index].id).set(int(up))
 
@@ -241,9 +246,11 @@ class WorkerPool:
         # stops. The worker is leaving, and the slice can go to a replica.
         if code in _WORKER_DOWN:
             self._set_health(sl.worker, False)
+            tls = self._note_handshake(sl.worker, details) if code == _UNAVAILABLE else None
+            why = f"{code.name}: {said}" if tls is None else f"TLS: {tls}"
             return WorkerUnavailableError(
                 f"no live replica for layer {layer} experts {experts}: worker {w.id!r} "
-                f"is unavailable: {code.name}: {said}"
+                f"is unavailable: {_without_addresses(why, w.address)}"
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return RequestTooLargeError(f"worker {w.id!r} is over a limit: {said}")
@@ -259,12 +266,55 @@ class WorkerPool:
                     health_pb2.HealthCheckRequest(), timeout=HEALTH_INTERVAL_S, wait_for_ready=True
                 )
                 self._set_health(i, reply.status == health_pb2.HealthCheckResponse.SERVING)
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
                 self._set_health(i, False)
+                await self._diagnose(i, exc)
             if self.healthy[i] and not self.attached[i]:
                 await self._attach(i)
 
         await asyncio.gather(*(check(i) for i in range(len(self.workers))))
+
+    async def _diagnose(self, index: int, exc: grpc.aio.AioRpcError) -> None:
+        """Find out whether TLS is why worker `index` failed its health check (and say so,
+        once: `_note_handshake`). A probe waits for the channel to be ready, so a handshake
+        that keeps failing ends it with a bare "Deadline Exceeded"; one call that does not
+        wait fails at once with gRPC's last connection error, which names the handshake."""
+        if self._tls is None:
+            return
+        details = exc.details() or ""
+        # A READY channel connected: the worker is slow or frozen, not refused at handshake
+        # (and a second call would only wait as long again).
+        state = self._channels[index].get_state(try_to_connect=False)
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and state != _READY:
+            try:
+                # Fails at once on a channel in backoff; half a probe interval bounds one
+                # that is mid-connect, so the probe round stays within 1.5 intervals.
+                await self._health[index].Check(
+                    health_pb2.HealthCheckRequest(), timeout=HEALTH_INTERVAL_S / 2
+                )
+                details = ""  # it connects now: the next probe finds it up
+            except grpc.aio.AioRpcError as again:
+                details = again.details() or ""
+        self._note_handshake(index, details)
+
+    def _note_handshake(self, index: int, details: str) -> str | None:
+        """The TLS cause of worker `index`'s failure, from gRPC's `details` (None: the
+        failure is not the handshake's). A new cause is logged at WARNING, with the worker's
+        address, the name its certificate was checked against and gRPC's own words."""
+        if self._tls is None:
+            return None
+        w = self.workers[index]
+        cause = handshake_failure(details, self._tls.checked_name(w.address))
+        if cause is not None and cause != self.tls_failures[index]:
+            log.warning(
+                "TLS: worker %s at %s failed the handshake: %s (gRPC: %s)",
+                w.id,
+                w.address,
+                cause,
+                details,
+            )
+        self.tls_failures[index] = cause
+        return cause
 
     def start_watch(self, on_probe: Callable[[list[bool]], Awaitable[None]]) -> None:
         """Probe every HEALTH_INTERVAL_S in the background; hand `on_probe` who is up."""
@@ -292,7 +342,9 @@ class RegionLostError(MoEError):
 
 
 # Codes after which the worker counts as down and its slice goes to a replica.
-_WORKER_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE  # the one a failed handshake ends a call with
+_READY = grpc.ChannelConnectivity.READY
+_WORKER_DOWN = (_UNAVAILABLE, grpc.StatusCode.CANCELLED)
 # Codes of a worker that is up but over a bound (its queue, its worker_timeout_s).
 _WORKER_LIMITS = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 

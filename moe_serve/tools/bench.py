@@ -1,7 +1,8 @@
 """`moe-serve bench`: moe_serve against the same layer in-process and over torch.distributed.rpc.
 
 One process tree, one run, the world config's weights and devices for all three:
-(a) the in-process MoE (gate and experts where the config puts them, no network),
+(a) the in-process MoE: the master's engine (MasterEngine) over the workers' engines called
+    directly, gate and experts where the config puts them, no network,
 (b) moe_serve through the SDK (master + workers started like `moe-serve up`),
 (c) a torch.distributed.rpc baseline in the style of seed 004 (moe_serve/tools/rpc_baseline.py).
 Then a concurrency sweep at T=1 and the wire codec's GB/s. Prints a table as it goes,
@@ -12,6 +13,7 @@ Legend: T tokens per request, H hidden, F expert FFN, K top_k.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -20,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,10 @@ import torch
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES
-from moe_serve.layer.dispatch import combine, dispatch
-from moe_serve.layer.experts import load_shared, shared_forward
-from moe_serve.layer.gating import Gate
-from moe_serve.layer.placement import Placement
-from moe_serve.metrics import local_url
+from moe_serve.errors import MoEError
+from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch
+from moe_serve.master.engine import MasterEngine
+from moe_serve.metrics import MasterMetrics, local_url
 from moe_serve.tools.launcher import LocalCluster
 from moe_serve.transport.auth import load_token
 from moe_serve.transport.server import keep_large_allocations
@@ -71,64 +73,84 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int) -> dict[str, f
     }
 
 
+class LocalWorkers:
+    """The workers as an ExpertPool in this process: each worker's WorkerEngine called
+    directly, its tokens moved to its first device with .to() (no validation, no wire)."""
+
+    def __init__(self, engines: list[WorkerEngine]) -> None:
+        self.engines = engines
+        self.healthy = [True] * len(engines)
+        self.outstanding = [0] * len(engines)  # calls finish before the next one starts
+        self.tls_failures: list[str | None] = [None] * len(engines)  # no TLS in-process
+
+    async def forward(
+        self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
+    ) -> torch.Tensor:
+        """x [T, H] -> worker `sl.worker`'s partial sums [N_w, H], left on its device (the
+        engine's combine moves them). For a worker on one device nothing here waits for the
+        GPU (kernels are only queued), so the workers' GPUs compute their slices at the same
+        time, as the served workers do."""
+        engine = self.engines[sl.worker]
+        dev = engine.devices[0]
+        hidden = x[sl.token_index.to(x.device)].to(dev)
+        token, expert, weight = (t.to(dev) for t in (sl.pair_token, sl.pair_expert, sl.pair_weight))
+        return engine.forward(layer, hidden, token, expert, weight, out_device=dev)
+
+
 class InProcessMoE:
-    """The served layer in this process: gate on master.device, each worker's experts on its
-    devices, tokens moved between devices with .to(); what moe_serve adds is the network."""
+    """The served layer in this process: the master's engine (gate and shared experts on
+    master.device, the same gate -> dispatch -> fan out -> combine as `moe-serve master`)
+    over LocalWorkers (each worker's experts on its devices); what moe_serve adds is the
+    network."""
 
     def __init__(self, cfg: WorldConfig) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.master.device)
-        dtype = DTYPE_NAMES[cfg.model.dtype]
         source = open_weights(cfg.model, cfg.routing)
-        m = cfg.model
-        self.gates = {
-            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, dtype)
-            for la in m.moe_layers
-        }
-        self.shared = load_shared(source, m.moe_layers, self.device, dtype)
-        self.engines = [WorkerEngine(m, w, source) for w in cfg.workers]
-        self.owner = {la: t.to(self.device) for la, t in Placement.from_config(cfg).owner.items()}
+        self.workers = LocalWorkers([WorkerEngine(cfg.model, w, source) for w in cfg.workers])
+        self.engine = MasterEngine(cfg, self.workers, MasterMetrics(), source)
+        # One event loop for every forward (asyncio.run would build one per call).
+        self._loop = asyncio.new_event_loop()
+        self._close = weakref.finalize(self, self._loop.close)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """x [T, H] on master.device -> [T, H] in the model dtype."""
-        r = self.gates[layer](x)
-        slices = dispatch(r, self.owner[layer], len(self.engines))
-        # Every slice is copied to its worker's device before any expert runs, so the
-        # workers' GPUs compute at the same time, as the served workers do.
-        moved = []
-        for sl in slices:
-            dev = self.engines[sl.worker].devices[0]
-            pairs = (sl.pair_token, sl.pair_expert, sl.pair_weight)
-            moved.append((x[sl.token_index].to(dev), *(t.to(dev) for t in pairs), dev))
-        partials = [
-            self.engines[sl.worker].forward(layer, h, t, e, w, out_device=dev)
-            for sl, (h, t, e, w, dev) in zip(slices, moved, strict=True)
-        ]
-        partials = [p.to(self.device) for p in partials]
-        out = combine(x.shape[0], x.shape[1], slices, partials, self.device)
-        if layer in self.shared:
-            out += shared_forward(self.cfg.model.activation, self.shared[layer], x).float()
-        return out.to(x.dtype)
+        """x [T, H] -> [T, H] in the model dtype, on master.device."""
+        x = x.to(self.engine.device, self.engine.dtype)
+        (outcome,) = self._loop.run_until_complete(self.engine.forward(layer, [x]))
+        if isinstance(outcome, MoEError):
+            raise outcome
+        return outcome[0]
+
+    def close(self) -> None:
+        """Close the event loop (also done when the object is collected)."""
+        self._close()
 
 
 def _in_process(
     cfg: WorldConfig, xs: dict[int, torch.Tensor], layer: int, iters: int, flops: float
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
     ref = InProcessMoE(cfg)  # freed on return, before the workers load their experts
-    rows = [
-        _row("in-process", T, time_calls(lambda x=x: ref.forward(x, layer), iters, 3), flops)
-        for T, x in xs.items()
-    ]
-    stages = {}
-    for T in (min(xs), max(xs)):
-        stages[str(T)] = stage_breakdown(ref, xs[T], layer, iters)
-        print(
-            f"  stages T={T}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in stages[str(T)].items())
-            + " (ms, p50)",
-            flush=True,
-        )
+    try:
+        rows = [
+            _row(
+                "in-process",
+                T,
+                time_calls(functools.partial(ref.forward, x, layer), iters, 3),
+                flops,
+            )
+            for T, x in xs.items()
+        ]
+        stages = {}
+        for T in (min(xs), max(xs)):
+            stages[str(T)] = stage_breakdown(ref, xs[T], layer, iters)
+            print(
+                f"  stages T={T}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in stages[str(T)].items())
+                + " (ms, p50)",
+                flush=True,
+            )
+    finally:
+        ref.close()
     return rows, stages
 
 
@@ -144,11 +166,12 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
     sums into the output. What an end-to-end time adds beyond these is gRPC, scheduling
     and Python.
     """
-    r = ref.gates[layer](x)
-    W = len(ref.engines)
-    slices = dispatch(r, ref.owner[layer], W)
+    gate, engines = ref.engine.gates[layer], ref.workers.engines
+    r = gate(x)
+    W = len(engines)
+    slices = dispatch(r, ref.engine.owners(layer, x.device), W)
     sl = max(slices, key=lambda s: s.token_index.numel())
-    engine = ref.engines[sl.worker]
+    engine = engines[sl.worker]
     device = engine.devices[0]
     pairs = {"pair_token": sl.pair_token, "pair_expert": sl.pair_expert}
     pairs["pair_weight"] = sl.pair_weight
@@ -174,8 +197,8 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
         _sync()
 
     steps: dict[str, Callable[[], object]] = {
-        "gate": lambda: ref.gates[layer](x),
-        "dispatch": lambda: dispatch(r, ref.owner[layer], W),
+        "gate": lambda: gate(x),
+        "dispatch": lambda: dispatch(r, ref.engine.owners(layer, x.device), W),
         "encode": lambda: serialize(pb.ForwardRequest(layer=layer), {"hidden": rows, **pairs}),
         "decode": lambda: tensor_from_pb(parse(pb.ForwardRequest, request).hidden, "hidden"),
         "h2d": lambda: hidden.to(device),
@@ -390,7 +413,7 @@ def run(
                 for T, x in xs.items():
                     client.infer(x, layer=layer)  # warm up before the metrics snapshot
                     before = server_seconds(cfg)
-                    timing = time_calls(lambda x=x: client.infer(x, layer=layer), iters, 0)
+                    timing = time_calls(functools.partial(client.infer, x, layer), iters, 0)
                     row = _row("moe_serve", T, timing, flops)
                     means = _server_means(before, server_seconds(cfg))
                     row["server_mean_ms"] = {k: v for k, v in means.items() if "seconds" in k}

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from moe_serve.client import MoEClient
-from moe_serve.config import load_config
+from moe_serve.config import WorldConfig, load_config
 from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.tools.launcher import LocalCluster
 from moe_serve.transport.auth import load_token
@@ -101,7 +101,7 @@ def run(devices: str = "cpu", requests: int = 200) -> int:
                 cluster.stop()
 
 
-def _exercise(address: str, cfg, devices: str, requests: int) -> int:
+def _exercise(address: str, cfg: WorldConfig, devices: str, requests: int) -> int:
     m = cfg.model
     reference = ReferenceMoE(m, cfg.routing, device=cfg.master.device)
     g = torch.Generator().manual_seed(1234)

@@ -1,6 +1,7 @@
 """Start a world config's master and workers as local child processes, and stop them.
 
-Used by `moe-serve up` and `moe-serve demo`. Children are stopped by pid:
+Used by `moe-serve up`, `moe-serve demo` and the tests' process clusters
+(tests/support/cluster.py). Children are stopped by pid:
 SIGTERM first (they drain), SIGKILL after the grace period.
 """
 
@@ -54,7 +55,7 @@ class LocalCluster:
         verbose: bool = True,
     ) -> None:
         self.config_path, self.cfg = config_path, cfg
-        self.log = log  # children's stdout/stderr; None: inherit this process's
+        self.output = log  # children's stdout/stderr; None: inherit this process's
         self.verbose = verbose
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.tls = ClientTLS.from_config(cfg.security.tls)  # how the health probes dial
@@ -64,7 +65,7 @@ class LocalCluster:
         # The children share this machine's cores: without a cap each would start one
         # busy-waiting OpenMP thread per core, and they would slow each other down.
         env = {"OMP_NUM_THREADS": str(threads), **os.environ}
-        self.procs[name] = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env)
+        self.procs[name] = subprocess.Popen(cmd, stdout=self.output, stderr=self.output, env=env)
         self._say(f"started {name} pid={self.procs[name].pid}")
 
     def _say(self, text: str) -> None:
@@ -76,16 +77,33 @@ class LocalCluster:
         """Where clients on this machine reach the master."""
         return dial_address(self.cfg.master.listen)
 
+    def child_address(self, name: str) -> str:
+        """Where this machine reaches child `name` ("master" or "worker <id>")."""
+        if name == "master":
+            return self.master_address
+        return dial_address(self.cfg.worker(name.removeprefix("worker ")).address)
+
+    def pid(self, name: str) -> int:
+        """Pid of child `name` ("master" or "worker <id>")."""
+        return self.procs[name].pid
+
+    def start_worker(self, worker_id: str) -> None:
+        """Start (or start again) worker `worker_id` as child "worker <id>"."""
+        threads = max(1, (os.cpu_count() or 1) // len(self.cfg.workers))
+        self._spawn(f"worker {worker_id}", threads, "worker", "--worker-id", worker_id)
+
     def start(self, timeout_s: float = 120.0) -> None:
         """Start every worker and the master; return once all answer health checks."""
-        threads = max(1, (os.cpu_count() or 1) // len(self.cfg.workers))
         for w in self.cfg.workers:
-            self._spawn(f"worker {w.id}", threads, "worker", "--worker-id", w.id)
+            self.start_worker(w.id)
         self._spawn("master", 1, "master")
-        targets = {f"worker {w.id}": dial_address(w.address) for w in self.cfg.workers}
-        targets["master"] = self.master_address
+        self.wait_serving(list(self.procs), timeout_s)
+
+    def wait_serving(self, names: list[str], timeout_s: float = 120.0) -> None:
+        """Return once children `names` answer health checks SERVING; ClusterError if a
+        child exits meanwhile or they do not within `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        pending = dict(targets)
+        pending = {name: self.child_address(name) for name in names}
         while pending:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
@@ -97,7 +115,7 @@ class LocalCluster:
             if pending and time.monotonic() > deadline:
                 raise ClusterError(f"not healthy after {timeout_s:.0f}s: {sorted(pending)}")
             if pending:
-                time.sleep(0.2)
+                time.sleep(0.1)
 
     def wait(self) -> str | None:
         """Block until a child exits; return its name."""

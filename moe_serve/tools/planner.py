@@ -311,6 +311,11 @@ class Plan:
         return out
 
 
+# A proposed round's score, compared in order (`_place_layer` step 3): bytes over the budget,
+# the busiest device's load, short round, -devices, -byte peak, worker.
+_RoundScore = tuple[float, float, bool, int, float, int]
+
+
 def _place_layer(
     workers: Sequence[WorkerSpec],
     dev_bytes: list[list[float]],
@@ -336,7 +341,7 @@ def _place_layer(
     pairs = [[0.0] * len(w.devices) for w in workers]  # this layer's weight per device
     load = dev_bytes if budget is None else pairs
 
-    def propose(w: int) -> tuple[tuple[float, ...], list[tuple[int, int]]] | None:
+    def propose(w: int) -> tuple[_RoundScore, list[tuple[int, int]]] | None:
         n, held = len(workers[w].devices), set(lists[w])
         rnd = list(dict.fromkeys(e for e in queue if e not in held))[:n]
         slots = [(len(lists[w]) + i) % n for i in range(len(rnd))]
@@ -439,10 +444,11 @@ def plan_placement(
         )
     if not memory_tolerance >= 0:
         raise ConfigError(f"--memory-tolerance: expected a fraction >= 0: {memory_tolerance}")
-    traced = tuple(la for la in sizes.layers if trace and la in trace)
+    counts = trace or {}  # layer -> pairs per expert
+    traced = tuple(la for la in sizes.layers if la in counts)
     # Untraced layers get the traced layers' mean, split evenly; without a trace, 1 per expert.
-    mean = sum(sum(trace[la]) for la in traced) / len(traced) if trace and traced else n
-    pairs = {la: list(trace[la]) if la in traced else [mean / n] * n for la in sizes.layers}
+    mean = sum(sum(counts[la]) for la in traced) / len(traced) if traced else n
+    pairs = {la: list(counts[la]) if la in traced else [mean / n] * n for la in sizes.layers}
     copies = _copies(pairs, traced, replicas, len(workers))
     lists, byte_max = _place(sizes, workers, sizes.nbytes, copies)
     per_copy = {la: [p / c for p, c in zip(pairs[la], copies[la], strict=True)] for la in pairs}

@@ -155,7 +155,7 @@ def measure_torch_rpc(
     """
     if iters < 2:
         raise ValueError(f"iters: expected >= 2, got {iters}")
-    owners = {}
+    owners: dict[int, tuple[int, str]] = {}  # expert -> (rank, device)
     for rank, w in enumerate(cfg.workers, start=1):
         for e in w.experts_on(layer):
             owners.setdefault(e, (rank, w.devices[0]))  # the first listing, as the master does

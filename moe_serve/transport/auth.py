@@ -17,7 +17,7 @@ import hmac
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -29,6 +29,9 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 HEADER = "authorization"
 # Calls to a worker: refused with a hint that the client token is not the worker token.
 WORKER_PREFIX = "/moe_serve.v1.ExpertWorker/"
+# grpc.aio.ServerInterceptor.intercept_service is generic over the handler's message types.
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 def load_token(cfg: SecurityConfig) -> str | None:
@@ -88,9 +91,11 @@ class TokenCheck(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         if details.method.startswith(OPEN_PREFIXES):
             return await continuation(details)
         sent = next((v for k, v in details.invocation_metadata or () if k == HEADER), "")

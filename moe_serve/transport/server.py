@@ -21,7 +21,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
@@ -38,6 +38,9 @@ from moe_serve.v1 import moe_pb2 as pb
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# grpc.aio.ServerInterceptor.intercept_service is generic over the handler's message types.
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
 
 
 @dataclass(frozen=True)
@@ -205,16 +208,19 @@ class Drain(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Req, Resp] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Req, Resp] | None:
         handler = await continuation(details)
         if details.method.startswith(OPEN_PREFIXES) or handler is None:
             return handler
         self.last_arrival = asyncio.get_running_loop().time()
         if self.draining:
             return grpc.unary_unary_rpc_method_handler(self._refuse)
-        inner = handler.unary_unary
+        # Every moe_serve method is unary-unary with an async handler (_generic_handler).
+        inner = cast(Callable[[Any, Any], Awaitable[Any]], handler.unary_unary)
 
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             self.in_flight += 1
@@ -320,13 +326,19 @@ async def serve_service(
         ),
         server,
     )
+    error: ConfigError | None = None
     try:
         if credentials is None:
             port = server.add_insecure_port(listen)
         else:
             port = server.add_secure_port(listen, credentials)
     except RuntimeError as exc:  # grpcio raises when the address cannot be bound
-        raise ConfigError(f"{field}: cannot bind {listen!r}: {exc}") from None
+        error = ConfigError(f"{field}: cannot bind {listen!r}: {exc}")
+    if error is not None:
+        # Raised outside the handler: grpcio's error (its frames hold the server, which holds
+        # the servicer: a master's holds its shared region) is then no one's context.
+        await server.stop(None)
+        raise error
     await server.start()
     await set_serving(health, full_name, serving)
     return Served(server, health, port, drain, full_name)

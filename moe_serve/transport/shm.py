@@ -558,10 +558,10 @@ class SharedRegion:
         """One block per size, all or none (None when the region is full)."""
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
-            _, offsets, held = self._quarantine.popleft()
-            for offset, nbytes in zip(offsets, held, strict=True):
-                self.free(offset, nbytes)
-        offsets = []
+            _, quarantined, held = self._quarantine.popleft()
+            for start, nbytes in zip(quarantined, held, strict=True):
+                self.free(start, nbytes)
+        offsets: list[int] = []
         for nbytes in sizes:
             offset = self.alloc(nbytes)
             if offset is None:

@@ -103,6 +103,48 @@ class ClientTLS:
             return []
         return [("grpc.ssl_target_name_override", self.server_name)]
 
+    def checked_name(self, address: str) -> str:
+        """The name the certificate of the server at `address` ("host:port") must carry:
+        `server_name`, else the address's host."""
+        if self.server_name is not None:
+            return self.server_name
+        return address.rsplit(":", 1)[0].strip("[]")
+
+
+# How gRPC (BoringSSL) words a failed handshake in a call's details, e.g. "failed to connect
+# to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50061: Custom verification check
+# failed with error: UNAUTHENTICATED: Hostname Verification Check failed." (grpcio 1.8x).
+_NAME_MISMATCH = ("hostname verification", "peer name", "no match found for server name")
+_NOT_TLS = ("wrong_version_number",)
+_UNTRUSTED = ("certificate_verify_failed", "certificate verify failed")
+_ANY_TLS = ("handshake", "ssl_error", "ssl routines", "tsi_", "certificate")
+
+
+def handshake_failure(details: str, name: str) -> str | None:
+    """What a failed call's gRPC `details` say about the TLS handshake, in an operator's
+    words (naming `name`, the name the certificate was checked against, and the config key
+    to change), or None when the failure is not the handshake's."""
+    low = details.lower()
+    if any(s in low for s in _NAME_MISMATCH):
+        return (
+            f"its certificate does not match the name {name!r} (security.tls.server_name, "
+            "or the host of the address when that is unset; the certificate's "
+            "subjectAltName must list it)"
+        )
+    if any(s in low for s in _NOT_TLS):
+        return (
+            "the peer does not speak TLS on that port (security.tls must be the same on "
+            "the master and its workers)"
+        )
+    if any(s in low for s in _UNTRUSTED):
+        return (
+            f"its certificate for {name!r} is not signed by a CA in security.tls.ca (or has "
+            "expired)"
+        )
+    if any(s in low for s in _ANY_TLS):
+        return f"the TLS handshake with {name!r} failed"
+    return None
+
 
 def server_credentials(cfg: TLSConfig, field: str = "security.tls") -> grpc.ServerCredentials:
     """Credentials for a server port; ConfigError naming the key of a bad file."""

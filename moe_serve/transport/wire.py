@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from moe_serve.errors import WireError
@@ -34,7 +35,7 @@ from moe_serve.v1 import moe_pb2 as pb
 if sys.byteorder != "little":  # the wire format is little-endian and we copy raw memory
     raise ImportError("moe_serve.transport.wire needs a little-endian host")
 
-_TO_PB: dict[torch.dtype, int] = {
+_TO_PB: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
     torch.float16: pb.DTYPE_FLOAT16,
@@ -53,7 +54,7 @@ _ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in _FROM_PB.values
 MAX_RANK = 8
 
 
-def pb_dtype(dtype: torch.dtype) -> int:
+def pb_dtype(dtype: torch.dtype) -> pb.DType:
     """The DType enum of a wire dtype; WireError for others."""
     if dtype not in _TO_PB:
         raise WireError(
@@ -90,7 +91,11 @@ def _pinned(nbytes: int) -> torch.Tensor:
     out of its own buffer within one call, so concurrent encodes never share bytes."""
     buf = getattr(_staging, "buf", None)
     if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, pin_memory=True)
+        size = 1 << max(nbytes - 1, 1).bit_length()
+        # A buffer made under torch.inference_mode would be an inference tensor, which
+        # copy_ refuses outside that mode: the next call from normal code would fail.
+        with torch.inference_mode(False):
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=True)
         _staging.buf = buf
     return buf[:nbytes]
 
@@ -99,7 +104,9 @@ def _memoryview(host: torch.Tensor, nbytes: int) -> memoryview:
     if nbytes == 0:
         return memoryview(b"")
     array = (ctypes.c_char * nbytes).from_address(host.data_ptr())
-    array.owner = host  # the view keeps the array alive, the array the (maybe fresh) tensor
+    # The view keeps the array alive, the array the (maybe fresh) tensor. ctypes instances take
+    # any attribute; typeshed's Array declares none.
+    array.owner = host  # type: ignore[attr-defined]
     return memoryview(array).cast("B")
 
 
@@ -261,6 +268,7 @@ def _fields(buf: memoryview, field: str, limit: int) -> Iterator[tuple[int, int,
         start = pos
         key, pos = _read_varint(buf, pos, field)
         number, wire_type = key >> 3, key & 7
+        value: int | tuple[int, int] | None
         if wire_type == _VARINT:
             value, pos = _read_varint(buf, pos, field)
         elif wire_type == _LEN:
@@ -332,14 +340,15 @@ def _check_rank(shape: list[int], field: str) -> None:
 
 
 @functools.cache
-def _layout(cls: type[Message]) -> tuple[dict[int, str], frozenset[int]]:
-    """The top-level Tensor fields of `cls` by number, and all its field numbers."""
+def _layout(message: Descriptor) -> tuple[dict[int, str], frozenset[int]]:
+    """The top-level Tensor fields of a message type by number, and all its field numbers.
+    Cached by the type's Descriptor (one per message type)."""
     bulk = {
         f.number: f.name
-        for f in cls.DESCRIPTOR.fields
+        for f in message.fields
         if f.message_type is _TENSOR and not getattr(f, "is_repeated", False)
     }
-    return bulk, frozenset(f.number for f in cls.DESCRIPTOR.fields)
+    return bulk, frozenset(f.number for f in message.fields)
 
 
 class Parsed(Generic[M]):
@@ -381,7 +390,7 @@ def parse(cls: type[M], data: bytes, *, trusted: bool = False) -> Parsed[M]:
     """
     what = "reply" if trusted else "request"
     name = cls.DESCRIPTOR.full_name
-    bulk, known = _layout(cls)
+    bulk, known = _layout(cls.DESCRIPTOR)
     buf = memoryview(data).cast("B")
     rest: list[memoryview] = []
     rest_bytes = 0

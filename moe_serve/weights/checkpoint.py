@@ -74,7 +74,7 @@ def checked_file_name(directory: Path, index: Path, key: str, name: object) -> s
         or Path(name).is_absolute()
         or Path(os.path.normpath(directory / name)).parent != Path(os.path.normpath(directory))
     )
-    if bad:
+    if bad or not isinstance(name, str):  # (the second test narrows name for the checker)
         raise CheckpointError(
             f"model.checkpoint: {str(index)!r} weight_map[{key!r}] = {name!r}: expected a "
             f"plain file name inside {str(directory)!r} (no path separators, no '..', not "

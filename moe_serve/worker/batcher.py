@@ -1,8 +1,8 @@
 """Dynamic batching: Forward calls arriving within a short window become one forward pass.
 
-The first waiting call opens a window of `max_delay_us`; calls that arrive
-before it closes join the batch until `max_batch_tokens` is reached. Calls of
-different layers in one window run as one pass per layer.
+The shared loop (`moe_serve.batching`): the first waiting call opens a window of
+`max_delay_us`; calls that arrive before it closes join the batch until `max_batch_tokens`
+is reached. Calls of different layers in one window run as one pass per layer.
 
 The forward runs on the event loop's own thread. On a worker thread, every torch op
 releases and retakes the GIL, and each retake can wait for the interpreter's switch
@@ -13,13 +13,12 @@ a forward wait in gRPC's queue and join the next batch.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from moe_serve.budget import TokenBudget
+from moe_serve.batching import Batcher, TokenBudget
 from moe_serve.config import BatchingConfig
 from moe_serve.metrics import WorkerMetrics
 from moe_serve.worker.engine import WorkerEngine
@@ -29,12 +28,10 @@ MEMORY_GAUGE_INTERVAL_S = 1.0
 
 @dataclass
 class _Call:
-    layer: int
     hidden: torch.Tensor  # [N, H]
     pair_token: torch.Tensor  # [P] int32
     pair_expert: torch.Tensor  # [P] int32
     pair_weight: torch.Tensor  # [P] float32
-    future: asyncio.Future[torch.Tensor] = field(repr=False)
 
     @property
     def tokens(self) -> int:
@@ -46,25 +43,29 @@ class DynamicBatcher:
 
     def __init__(self, engine: WorkerEngine, cfg: BatchingConfig, metrics: WorkerMetrics) -> None:
         self.engine, self.cfg, self.metrics = engine, cfg, metrics
-        self._queue: asyncio.Queue[_Call] = asyncio.Queue()
-        self._carry: _Call | None = None  # a call that did not fit in the previous batch
-        self._task: asyncio.Task[None] | None = None
         self._memory_read = 0.0  # monotonic time the memory gauge was last set
         # A call holds max(tokens, pairs): its [P, H] gathers, not its [N, H] rows, are what
         # grows with a call (a master sends up to top_k pairs per token).
         self.budget = TokenBudget(
             cfg.max_queue_tokens, "batching.max_queue_tokens", "worker", unit="tokens or pairs"
         )
+        # max_in_flight None: each batch runs on the loop's own task, inline (see above).
+        self._batcher = Batcher[_Call, torch.Tensor](
+            self._run,
+            self.budget,
+            cfg.max_delay_us / 1e6,
+            cfg.max_batch_tokens,
+            on_queue=metrics.queue_depth.set,
+        )
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._batcher.start()
 
     async def stop(self) -> None:
-        """Stop the loop; calls still queued are failed by cancellation."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        """Stop the loop; a batch already running finishes, and calls still queued fail with
+        DrainingError (UNAVAILABLE)."""
+        await self._batcher.stop()
 
     async def submit(
         self,
@@ -79,53 +80,14 @@ class DynamicBatcher:
         RequestTooLargeError (RESOURCE_EXHAUSTED) when what is held would exceed
         batching.max_queue_tokens, each call counting max(tokens, (token, expert) pairs)
         (a lone call always runs; `WorkerEngine.validate` bounds its pairs)."""
-        with self.budget.admit(max(hidden.shape[0], pair_token.shape[0])):
-            future = asyncio.get_running_loop().create_future()
-            call = _Call(layer, hidden, pair_token, pair_expert, pair_weight, future)
-            self._queue.put_nowait(call)
-            self.metrics.queue_depth.set(self._queue.qsize())
-            return await future
+        call = _Call(hidden, pair_token, pair_expert, pair_weight)
+        held = max(call.tokens, pair_token.shape[0])
+        return await self._batcher.submit(call, layer, call.tokens, held)
 
-    async def _collect(self) -> list[_Call]:
-        first = self._carry or await self._queue.get()
-        self._carry = None
-        batch, tokens = [first], first.tokens
-        deadline = time.monotonic() + self.cfg.max_delay_us / 1e6
-        while tokens < self.cfg.max_batch_tokens:
-            remaining = deadline - time.monotonic()
-            try:
-                if remaining <= 0 or not self._queue.empty():
-                    call = self._queue.get_nowait()
-                else:
-                    call = await asyncio.wait_for(self._queue.get(), remaining)
-            except (asyncio.QueueEmpty, TimeoutError):
-                break
-            if tokens + call.tokens > self.cfg.max_batch_tokens:
-                self._carry = call
-                break
-            batch.append(call)
-            tokens += call.tokens
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return [c for c in batch if not c.future.done()]  # drop calls whose client gave up
+    async def _run(self, layer: int, calls: list[_Call]) -> list[torch.Tensor]:
+        """Concatenate calls, one engine forward, split the output rows back per call.
 
-    async def _loop(self) -> None:
-        while True:
-            batch = await self._collect()
-            for layer in sorted({c.layer for c in batch}):
-                calls = [c for c in batch if c.layer == layer]
-                try:
-                    outputs = self._run(layer, calls)
-                except Exception as exc:  # handed to every caller of the batch
-                    for c in calls:
-                        if not c.future.done():
-                            c.future.set_exception(exc)
-                    continue
-                for c, out in zip(calls, outputs, strict=True):
-                    if not c.future.done():
-                        c.future.set_result(out)
-
-    def _run(self, layer: int, calls: list[_Call]) -> list[torch.Tensor]:
-        """Concatenate calls, one engine forward, split the output rows back per call."""
+        Awaits nothing: the batching loop runs it through without a task switch."""
         sizes = [c.tokens for c in calls]
         offsets = torch.tensor([0, *sizes[:-1]], dtype=torch.int64).cumsum(0)
         pair_counts = torch.tensor([c.pair_token.shape[0] for c in calls])
@@ -154,6 +116,7 @@ class DynamicBatcher:
         m.batch_tokens.observe(tokens)
         m.batch_requests.observe(calls)
         m.forward_seconds.observe(seconds)
+        # Host sync: the per-expert counts feed the expert_tokens counters (one read a pass).
         counts = torch.bincount(expert.long(), minlength=self.engine.model.num_experts).tolist()
         for e, n in enumerate(counts):
             if n:

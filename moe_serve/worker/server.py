@@ -1,13 +1,27 @@
-"""The worker process: pin experts, serve ExpertWorker + health + reflection + metrics."""
+"""The worker process: pin experts, serve ExpertWorker + health + reflection + metrics.
+
+`create_worker` starts a worker on the running event loop and returns its handle (bound port,
+metrics port, `stop`); `serve` (what `moe-serve worker` runs) is `create_worker`, then
+SIGTERM/SIGINT, then a drain. Tests start workers with the same factory on port 0.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
 
-from moe_serve.config import WorldConfig, check_devices_exist
-from moe_serve.metrics import WorkerMetrics, start_exporter
+from moe_serve.config import WorkerConfig, WorldConfig, check_devices_exist, parse_address
+from moe_serve.metrics import Exporter, WorkerMetrics, start_exporter
 from moe_serve.transport.auth import load_worker_token
-from moe_serve.transport.server import keep_large_allocations, run, serve_service, wait_for_signal
+from moe_serve.transport.server import (
+    Served,
+    keep_large_allocations,
+    run,
+    serve_service,
+    wait_for_signal,
+)
 from moe_serve.transport.tls import check as check_tls
 from moe_serve.transport.tls import server_credentials
 from moe_serve.weights import open_weights
@@ -16,6 +30,9 @@ from moe_serve.worker.engine import WorkerEngine
 from moe_serve.worker.service import WorkerService
 
 log = logging.getLogger("moe_serve.worker")
+
+# Builds the servicer of a worker from its engine and batcher (tests pass subclasses).
+ServiceFactory = Callable[[WorkerEngine, DynamicBatcher], WorkerService]
 
 
 def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
@@ -27,8 +44,78 @@ def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
     return WorkerEngine(cfg.model, worker, source, cuda_graphs=cfg.batching.cuda_graphs)
 
 
-async def serve(cfg: WorldConfig, worker_id: str) -> None:
-    """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop."""
+@dataclass
+class WorkerServer:
+    """A worker serving on the running event loop; `stop` (or leaving `async with`) drains
+    it and stops its batcher and exporter."""
+
+    cfg: WorldConfig
+    worker: WorkerConfig
+    service: WorkerService
+    batcher: DynamicBatcher
+    metrics: WorkerMetrics
+    served: Served
+    exporter: Exporter | None
+    _stopped: bool = field(default=False, init=False)
+
+    @property
+    def port(self) -> int:
+        """The gRPC port it is bound to (the one chosen when asked for port 0)."""
+        return self.served.port
+
+    @property
+    def address(self) -> str:
+        """host:port it is bound to: the host it listens on, the bound port."""
+        host, _ = parse_address(self.worker.listen_address)
+        return f"{host}:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of its /metrics exporter, or None without one."""
+        return None if self.exporter is None else self.exporter.port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish for up to `grace_s`
+        (default `batching.shutdown_grace_s`), then stop. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.cfg.batching.shutdown_grace_s if grace_s is None else grace_s
+        try:
+            await self.served.shutdown(grace)
+        finally:
+            await self.batcher.stop()
+            if self.exporter is not None:
+                self.exporter.stop()
+
+    async def __aenter__(self) -> WorkerServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def create_worker(
+    cfg: WorldConfig,
+    worker_id: str,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    service: ServiceFactory = WorkerService,
+) -> WorkerServer:
+    """Load and pin worker `worker_id`'s experts, start serving ExpertWorker on the running
+    loop, return its handle.
+
+    `port`: the gRPC port to bind on the host it listens on; None: the configured port;
+    0: any free port (`WorkerServer.port` says which). `metrics_port` likewise replaces the
+    worker's `metrics_port` (None keeps it; 0: any free port). `service` builds the servicer.
+    """
+    worker = cfg.worker(worker_id)
+    token = load_worker_token(cfg.security)  # never the client token
     engine = build_engine(cfg, worker_id)
     keep_large_allocations()  # after loading: its temporaries go back to the OS
     metrics = WorkerMetrics()
@@ -36,38 +123,53 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         metrics.gpu_memory_bytes.labels(device).set(nbytes)
     batcher = DynamicBatcher(engine, cfg.batching, metrics)
     batcher.start()
-    worker = engine.worker
-    field = f"workers[{cfg.workers.index(worker)}]"
-    served = await serve_service(
-        "ExpertWorker",
-        WorkerService(engine, batcher),
-        worker.listen_address,
-        cfg.message_limit("worker"),
-        field=f"{field}.{'listen' if worker.listen else 'address'}",
-        token=load_worker_token(cfg.security),  # never the client token
-        credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
-        who=f"worker {worker.id}",
-    )
-    host = worker.metrics_bind_host
-    start_exporter(
-        worker.metrics_port,
-        metrics.registry,
-        f"{field}.metrics_port",
-        host,
-        f"{field}.metrics_host",
-    )
+    field_ = f"workers[{cfg.workers.index(worker)}]"
+    listen = worker.listen_address
+    if port is not None:
+        listen = f"{parse_address(listen)[0]}:{port}"
+    servicer = service(engine, batcher)
+    served: Served | None = None
+    try:
+        served = await serve_service(
+            "ExpertWorker",
+            servicer,
+            listen,
+            cfg.message_limit("worker"),
+            field=f"{field_}.{'listen' if worker.listen else 'address'}",
+            token=token,
+            credentials=None if cfg.security.tls is None else server_credentials(cfg.security.tls),
+            who=f"worker {worker.id}",
+        )
+        exporter = start_exporter(
+            worker.metrics_port if metrics_port is None else metrics_port,
+            metrics.registry,
+            f"{field_}.metrics_port",
+            worker.metrics_bind_host,
+            f"{field_}.metrics_host",
+        )
+    except BaseException:
+        if served is not None:
+            await served.server.stop(0)
+        await batcher.stop()
+        raise
+    return WorkerServer(cfg, worker, servicer, batcher, metrics, served, exporter)
+
+
+async def serve(cfg: WorldConfig, worker_id: str) -> None:
+    """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop."""
+    server = await create_worker(cfg, worker_id)
+    worker = server.worker
     log.info(
         "worker %s: serving on port %d (metrics: %s port %s)",
         worker.id,
-        served.port,
-        host,
-        worker.metrics_port,
+        server.port,
+        worker.metrics_bind_host,
+        server.metrics_port,
     )
     await wait_for_signal()
     grace = cfg.batching.shutdown_grace_s
     log.info("worker %s: draining (up to %.1f s), then stopping", worker.id, grace)
-    await served.shutdown(grace)
-    await batcher.stop()
+    await server.stop(grace)
 
 
 def main(cfg: WorldConfig, worker_id: str) -> None:

@@ -33,7 +33,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         self.regions = RegionTable()
 
     @error_boundary
-    async def Forward(self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def Forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> bytes | pb.ForwardResponse:
         try:
             peer = context.peer()
             inputs = self._decode(request, peer)
