@@ -16,22 +16,32 @@ Both clients share one core without I/O (`_Core`, `_InferCall`, as httpx's clien
 theirs): validation, the shared-memory lease or the serialized bytes, the fall-back to bytes
 when the master refuses the region, decoding the reply and the errors. `MoEClient` and
 `AsyncMoEClient` differ only in how they wait for a call.
+
+`MoEClient.embedded("world.yaml")` (and `AsyncMoEClient.embedded`) is the same client over
+another transport: an `EmbeddedMaster` (moe_serve.master.embedded) in this process runs the
+gates and shared experts and calls the workers itself, one hop per layer instead of two.
+The core checks and decodes its calls as it does a master's (same RoutingInfo, same
+MoEServeError codes and messages).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, overload
+from typing import TYPE_CHECKING, Literal, Self, overload
 
 import grpc
 import torch
 
+from moe_serve.config import WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import MoEError, Reason, reason_of
+from moe_serve.layer.gating import Routing
 from moe_serve.transport.auth import metadata
 from moe_serve.transport.calls import message_options, unary_call
 from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
@@ -39,6 +49,9 @@ from moe_serve.transport.tls import ClientTLS, aio_channel, channel
 from moe_serve.transport.wire import Parsed, itemsize, serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from moe_serve.master.embedded import EmbeddedMaster
 
 __all__ = [
     "AsyncMoEClient",
@@ -132,6 +145,32 @@ def _request(flat: torch.Tensor, layer: int, return_routing: bool) -> bytes:
         return serialize(request, {"hidden": flat})
     except MoEError as exc:
         raise MoEServeError(grpc.StatusCode.INVALID_ARGUMENT, f"x: {exc}") from None
+
+
+def _moe_error(exc: MoEError) -> MoEServeError:
+    """A domain error of the embedded master as the master's edge would have sent it."""
+    return MoEServeError(exc.code, str(exc), None if exc.reason is None else exc.reason.value)
+
+
+def _local_result(
+    x: torch.Tensor, out: torch.Tensor, r: Routing, return_routing: bool
+) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+    """y (and its RoutingInfo) of an embedded call, as `_result` builds them from a reply:
+    y of x's shape, dtype and device; the routing in host memory, weights in float32."""
+    # A batch's outputs are views of one tensor: the caller gets its own copy, as from a
+    # reply (and may write into it).
+    y = out.to(x.device, x.dtype, copy=True).reshape(x.shape)
+    if not return_routing:
+        return y
+    lb, imp = r.load_balance_loss, r.importance_loss
+    return y, RoutingInfo(
+        expert_ids=r.expert_ids.to("cpu", torch.int64, copy=True),
+        weights=r.weights.to("cpu", torch.float32, copy=True),
+        scores=r.scores.to("cpu", torch.float32, copy=True),
+        dropped_pairs=int(r.dropped_pairs),
+        load_balance_loss=0.0 if lb is None else float(lb),
+        importance_loss=0.0 if imp is None else float(imp),
+    )
 
 
 def _result(
@@ -335,11 +374,63 @@ class _Core:
     shared-memory path and the translation of a failed call into MoEServeError."""
 
     def __init__(
-        self, address: str, shared_memory_bytes: int, token: str | None, tls: ClientTLS | None
+        self,
+        address: str,
+        shared_memory_bytes: int,
+        token: str | None,
+        tls: ClientTLS | None,
+        embedded: EmbeddedMaster | None = None,
     ) -> None:
         self.address, self.tls = address, tls
         self.metadata = metadata(token)
         self.shared = _SharedPath(shared_memory_bytes)
+        # The embedded transport: calls go to this in-process master instead of a channel.
+        self.embedded = embedded
+
+    @classmethod
+    def start_embedded(cls, config: WorldConfig | str | Path, start_timeout: float) -> _Core:
+        """The core of an embedded client: its master started, ready (MoEServeError else)."""
+        # Imported here: a thin client of a remote master loads none of the master's code.
+        from moe_serve.master.embedded import EmbeddedMaster
+
+        try:
+            master = EmbeddedMaster(config, ready_timeout_s=start_timeout)
+        except MoEError as exc:
+            raise _moe_error(exc) from None
+        return cls("embedded", 0, None, None, embedded=master)
+
+    def submit(
+        self, x: torch.Tensor, layer: int, return_routing: bool, timeout: float | None
+    ) -> concurrent.futures.Future[tuple[torch.Tensor, Routing]]:
+        """Check x and queue it on the embedded master (MoEServeError for a bad call)."""
+        if self.embedded is None:
+            raise RuntimeError("not an embedded client")
+        try:
+            return self.embedded.submit(_flat(x), layer, return_routing, timeout)
+        except MoEError as exc:
+            raise _moe_error(exc) from None
+
+    @staticmethod
+    def local_error(exc: BaseException) -> MoEServeError:
+        """The MoEServeError of a failed embedded call: its MoEError's code and message, or
+        CANCELLED when the client was closed during the call."""
+        if isinstance(exc, MoEError):
+            return _moe_error(exc)
+        return MoEServeError(
+            grpc.StatusCode.CANCELLED, "the embedded master was closed during the call"
+        )
+
+    @staticmethod
+    def local_result(
+        x: torch.Tensor, outcome: tuple[torch.Tensor, Routing], return_routing: bool
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """y (and its RoutingInfo) of a finished embedded call."""
+        return _local_result(x, *outcome, return_routing)
+
+    def local_info(self) -> ServiceInfo:
+        if self.embedded is None:
+            raise RuntimeError("not an embedded client")
+        return _info(self.embedded.info())
 
     def call(self, x: torch.Tensor, layer: int, return_routing: bool) -> _InferCall:
         """One Infer call's requests and result (checks x now)."""
@@ -445,6 +536,26 @@ class MoEClient:
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._attaching = threading.Lock()  # one offer, however many threads are waiting
 
+    @classmethod
+    def embedded(
+        cls,
+        config: WorldConfig | str | Path,
+        *,
+        timeout: float | None = 30.0,
+        start_timeout: float = 30.0,
+    ) -> MoEClient:
+        """A client whose master runs in this process (moe_serve.master.embedded): the gates
+        and shared experts here, tokens straight to the workers of `config` (a world YAML
+        path or a WorldConfig), one hop per layer. Same infer / info / close.
+
+        Returns once every expert has a live replica: MoEServeError UNAVAILABLE naming the
+        experts and workers down after `start_timeout` s. A bad config, an unset worker
+        token variable or an unreadable TLS file raise moe_serve.errors.ConfigError."""
+        self = cls.__new__(cls)
+        self.timeout = timeout
+        self._core = _Core.start_embedded(config, start_timeout)
+        return self
+
     @property
     def _shared(self) -> _SharedPath:  # for tests that look at the region
         return self._core.shared
@@ -487,6 +598,13 @@ class MoEClient:
         """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
         `return_routing=True` the gate's RoutingInfo too."""
         timeout = timeout or self.timeout
+        if self._core.embedded is not None:
+            done = self._core.submit(x, layer, return_routing, timeout)
+            try:
+                outcome = done.result()
+            except (MoEError, concurrent.futures.CancelledError) as exc:
+                raise self._core.local_error(exc) from None
+            return self._core.local_result(x, outcome, return_routing)
         with self._core.call(x, layer, return_routing) as call:
             if call.offers_region:
                 self._attach(call.flat, timeout)
@@ -517,6 +635,8 @@ class MoEClient:
 
     def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
+        if self._core.embedded is not None:
+            return self._core.local_info()
         try:
             reply = self._stub.GetInfo(
                 pb.GetInfoRequest(),
@@ -528,7 +648,11 @@ class MoEClient:
         return _info(reply)
 
     def close(self) -> None:
-        """Close the channel and the shared region."""
+        """Close the channel and the shared region (embedded: stop the in-process master,
+        its channels to the workers and its thread). Idempotent."""
+        if self._core.embedded is not None:
+            self._core.embedded.close()
+            return
         self._channel.close()
         self._core.shared.close()
 
@@ -562,6 +686,22 @@ class AsyncMoEClient:
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
         self._attaching = asyncio.Lock()  # one offer, however many calls are waiting
 
+    @classmethod
+    async def embedded(
+        cls,
+        config: WorldConfig | str | Path,
+        *,
+        timeout: float | None = 30.0,
+        start_timeout: float = 30.0,
+    ) -> AsyncMoEClient:
+        """MoEClient.embedded for asyncio: `client = await AsyncMoEClient.embedded(cfg)`.
+        The in-process master runs on a loop of its own thread; this loop only awaits it."""
+        self = cls.__new__(cls)
+        self.timeout = timeout
+        # Loading the gates blocks: off this loop.
+        self._core = await asyncio.to_thread(_Core.start_embedded, config, start_timeout)
+        return self
+
     @property
     def _shared(self) -> _SharedPath:  # for tests that look at the region
         return self._core.shared
@@ -604,6 +744,18 @@ class AsyncMoEClient:
         """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
         `return_routing=True` the gate's RoutingInfo too."""
         timeout = timeout or self.timeout
+        if self._core.embedded is not None:
+            done = self._core.submit(x, layer, return_routing, timeout)
+            try:
+                outcome = await asyncio.wrap_future(done)  # cancelling this cancels the call
+            except MoEError as exc:
+                raise self._core.local_error(exc) from None
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this task was cancelled, not the call
+                raise self._core.local_error(exc) from None
+            return self._core.local_result(x, outcome, return_routing)
         with self._core.call(x, layer, return_routing) as call:
             if call.offers_region:
                 await self._attach(call.flat, timeout)
@@ -634,6 +786,8 @@ class AsyncMoEClient:
 
     async def info(self, timeout: float | None = None) -> ServiceInfo:
         """Model dims, layers, placement and worker health."""
+        if self._core.embedded is not None:
+            return self._core.local_info()
         try:
             reply = await self._stub.GetInfo(
                 pb.GetInfoRequest(),
@@ -645,7 +799,11 @@ class AsyncMoEClient:
         return _info(reply)
 
     async def close(self) -> None:
-        """Close the channel and the shared region."""
+        """Close the channel and the shared region (embedded: stop the in-process master,
+        its channels to the workers and its thread). Idempotent."""
+        if self._core.embedded is not None:
+            await asyncio.to_thread(self._core.embedded.close)
+            return
         await self._channel.close()
         self._core.shared.close()
 

@@ -344,6 +344,26 @@ class MasterConfig(_Frozen):
         "without a shared PID namespace, another user) use gRPC bytes, and so does a call "
         "that finds the region full. `0` turns the fast path off.",
     )
+    worker_channels: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="gRPC connections the master opens to each worker. One HTTP/2 "
+        "connection carries one large message at a time; calls that carry bytes (not shared "
+        "memory) are spread over these, so a large slice's chunks travel side by side. See "
+        "[benchmarks](benchmarks.md#bytes-path).",
+    )
+    worker_chunk_bytes: int = Field(
+        0,
+        ge=0,
+        description="A worker's slice whose hidden states exceed this many bytes goes as "
+        "several Forward calls of whole rows (at most `batching.max_batch_tokens` each), in "
+        "flight together over `worker_channels` connections, so the worker computes one "
+        "chunk while the next is on the wire. Results match one call within float "
+        "tolerance, not bit for bit (a worker's GEMMs round a row differently in batches of "
+        "other sizes). `0` (default) sends every slice as one call. Shared-memory calls are "
+        "never chunked.",
+    )
 
     _listen = field_validator("listen")(lambda v: (parse_address(v), v)[1])
     _metrics_host = field_validator("metrics_host")(lambda v: v if v is None else parse_host(v))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,10 @@ import yaml
 
 from moe_serve.config import parse_config
 from moe_serve.layer.reference import ReferenceMoE
-from moe_serve.tools.bench import InProcessMoE, flops_per_token
+from moe_serve.tools.bench import InProcessMoE, flops_per_token, hop_overhead
+from moe_serve.tools.launcher import dial_address
 from tests.conftest import world
+from tests.support.cluster import InProcessCluster
 
 SUMMARY_KEYS = {
     "t4096_vs_inprocess",
@@ -23,6 +27,19 @@ SUMMARY_KEYS = {
     "t1_p99_ms",
     "batching_gain_64",
     "wire_gbps",
+    "empty_call_p50_ms",
+    "master_hop_overhead_ms",
+    "worker_hop_overhead_ms",
+}
+HOP_KEYS = {
+    "empty_call",
+    "master_empty_p50_ms",
+    "worker_empty_p50_ms",
+    "worker_forward_p50_ms",
+    "master_infer_p50_ms",
+    "worker_hop_overhead_ms",
+    "master_hop_ms",
+    "master_hop_overhead_ms",
 }
 
 
@@ -46,6 +63,36 @@ def test_flops_per_token_counts_gate_k_experts_and_shared() -> None:
     cfg = parse_config(world(model={"expert_kind": "glu", "shared_expert_ffn_size": 32}))
     H, F, E, K = 64, 128, 8, 2
     assert flops_per_token(cfg) == 2 * H * E + K * 3 * 2 * H * F + 3 * 2 * H * 32
+
+
+def test_hop_overhead_is_each_hop_less_the_empty_call_on_the_same_server(
+    in_process_factory: Callable[..., InProcessCluster],
+) -> None:
+    c = in_process_factory(world())
+    w0 = c.cfg.workers[0]
+
+    def count(url: str, name: str, label: str) -> float:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(
+            float(x.split()[-1])
+            for x in text.splitlines()
+            if x.startswith(name + "{") and label in x
+        )
+
+    def direct_forwards() -> float:
+        """Forward calls w0 served OK less those the master sent it (for the Infer calls)."""
+        served = count(c.metrics_url("w0"), "moe_serve_worker_requests_total", 'code="OK"')
+        return served - count(c.metrics_url(), "moe_serve_worker_calls_total", 'worker="w0"')
+
+    before = direct_forwards()
+    h = hop_overhead(c.cfg, c.address, dial_address(w0.address), "w0", 0, iters=5, warmup=1)
+    assert set(h) == HOP_KEYS and h["empty_call"] == "grpc.health.v1.Health/Check"
+    # Six Forward calls (1 warm-up + 5) went straight to w0 and each was served.
+    assert direct_forwards() - before == 6
+    assert h["worker_hop_overhead_ms"] == h["worker_forward_p50_ms"] - h["worker_empty_p50_ms"]
+    assert h["master_hop_ms"] == h["master_infer_p50_ms"] - h["worker_forward_p50_ms"]
+    assert h["master_hop_overhead_ms"] == h["master_hop_ms"] - h["master_empty_p50_ms"]
+    assert min(h[k] for k in HOP_KEYS if k.endswith("p50_ms")) > 0
 
 
 @pytest.mark.e2e
@@ -81,6 +128,9 @@ def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: P
     assert result.returncode == 0, result.stdout + result.stderr
     doc = json.loads(out.read_text())
     assert set(doc["summary"]) == SUMMARY_KEYS
+    assert set(doc["hop_overhead"]) == HOP_KEYS
+    assert doc["summary"]["empty_call_p50_ms"] == doc["hop_overhead"]["master_empty_p50_ms"]
+    assert "per-hop at T=1" in result.stdout
     assert doc["summary"]["t1_p50_ms"] > 0 and doc["summary"]["wire_gbps"] > 0
     systems = {(r["system"], r["tokens"]) for r in doc["rows"]}
     assert systems == {(s, t) for s in ("in-process", "moe_serve", "torch_rpc") for t in (1, 8)}

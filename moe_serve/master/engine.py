@@ -24,17 +24,27 @@ from typing import Protocol
 import torch
 
 from moe_serve.config import WorldConfig
-from moe_serve.dtypes import DTYPE_NAMES
-from moe_serve.errors import InvalidRequestError, MoEError, WorkerUnavailableError
+from moe_serve.dtypes import DTYPE_NAMES, FLOAT_DTYPES
+from moe_serve.errors import (
+    InvalidRequestError,
+    MoEError,
+    RequestTooLargeError,
+    WorkerUnavailableError,
+)
 from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch, regroup
 from moe_serve.layer.experts import load_shared, shared_forward
 from moe_serve.layer.gating import Gate, Routing, merge_routings, routing_to, split_routing
 from moe_serve.layer.placement import Owners, Placement, plan_owners
 from moe_serve.master.batcher import Outcome
 from moe_serve.metrics import MasterMetrics
+from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import WeightSource, open_weights
 
 log = logging.getLogger(__name__)
+
+# Requests up to this size that come in host memory stay there until their batch moves to
+# master.device in one copy (the engine's _stack), instead of one copy and sync per call.
+HOST_BATCH_BYTES = 1 << 20
 
 
 class ExpertPool(Protocol):
@@ -116,6 +126,88 @@ class MasterEngine:
         # series): an alert on its rate has data before the first drop.
         for la in m.moe_layers:
             metrics.dropped_pairs.labels(str(la))
+
+    def check_layer(self, layer: int) -> None:
+        """InvalidRequestError naming `layer` when it is not a MoE layer of this model."""
+        if layer not in self.gates:
+            raise InvalidRequestError(
+                "layer", f"{layer} is not a MoE layer; served: {list(self.cfg.model.moe_layers)}"
+            )
+
+    def check_hidden(self, x: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """A request's hidden states [T, H] as `forward` takes them, checked at the edge (the
+        master's Infer and the embedded client share it): x in the model dtype, in host
+        memory when it came there and is small (HOST_BATCH_BYTES), else on master.device.
+
+        InvalidRequestError naming the field for a dtype that is not a float one, a rank
+        other than 2, a hidden size other than the model's, NaN or Inf;
+        RequestTooLargeError beyond master.max_request_tokens. `copy`: copy even where no
+        cast or move does (memory its owner can still write to: what is computed must be
+        what was checked).
+        """
+        if x.dtype not in FLOAT_DTYPES:
+            accepted = sorted(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            raise InvalidRequestError(
+                "hidden.dtype",
+                f"{str(x.dtype).removeprefix('torch.')} is not accepted; expected one of "
+                f"{accepted}",
+            )
+        if x.dim() != 2:
+            raise InvalidRequestError(
+                "hidden.shape", f"rank {x.dim()} {list(x.shape)}; expected rank 2"
+            )
+        T, H = x.shape
+        if self.cfg.model.hidden_size != H:
+            raise InvalidRequestError(
+                "hidden.shape[1]", f"{H} != hidden_size={self.cfg.model.hidden_size}"
+            )
+        limit = self.cfg.master.max_request_tokens
+        if limit < T:
+            raise RequestTooLargeError(
+                f"hidden.shape[0]: {T} tokens exceed master.max_request_tokens={limit}"
+            )
+        small = x.device.type == "cpu" and x.numel() * x.element_size() <= HOST_BATCH_BYTES
+        target = x.device if small else self.device
+        # (A cast or a move to the device copies anyway; copy=True adds a copy only where
+        # neither happens: one memcpy of the input.)
+        if copy or x.dtype != self.dtype or x.device != target:  # else .to() is a no-op
+            x = x.to(target, self.dtype, copy=copy)
+        # Host sync: one check at the edge, before any fan-out.
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidRequestError("hidden", "contains NaN or Inf")
+        return x
+
+    def info(self) -> pb.MasterInfo:
+        """Model dims, layers, routing settings, placement and each worker's last known
+        health: what GetInfo answers (the embedded client's info() too)."""
+        m, routing = self.cfg.model, self.cfg.routing
+        workers = [
+            pb.WorkerStatus(
+                id=w.id,
+                address=w.address,
+                healthy=self.pool.healthy[i],
+                devices=list(w.devices),
+                placement=[
+                    pb.LayerExperts(layer=la, experts=w.experts_on(la)) for la in m.moe_layers
+                ],
+            )
+            for i, w in enumerate(self.cfg.workers)
+        ]
+        return pb.MasterInfo(
+            hidden_size=m.hidden_size,
+            expert_ffn_size=m.expert_ffn_size,
+            num_experts=m.num_experts,
+            top_k=m.top_k,
+            expert_kind=m.expert_kind,
+            activation=m.activation,
+            dtype=m.dtype,
+            layers=m.moe_layers,
+            workers=workers,
+            scoring=routing.scoring,
+            normalize_topk=routing.normalize_topk,
+            capacity_factor=routing.capacity_factor or 0.0,
+            max_request_tokens=self.cfg.master.max_request_tokens,
+        )
 
     async def forward(
         self,

@@ -18,12 +18,12 @@ import torch
 
 from moe_serve.config import WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES, FLOAT_DTYPES
-from moe_serve.errors import InvalidRequestError, MoEError, RequestTooLargeError
+from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.layer.gating import Routing
 from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.engine import MasterEngine
 from moe_serve.master.workers import WorkerPool
-from moe_serve.metrics import MasterMetrics
+from moe_serve.metrics import Children, MasterMetrics
 from moe_serve.transport.server import error_boundary
 from moe_serve.transport.shm import RegionTable, SharedMemoryError
 from moe_serve.transport.wire import serialize, tensor_from_pb, tensor_to_pb
@@ -31,10 +31,6 @@ from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-# Requests up to this size that arrive as bytes stay in host memory until their batch moves
-# to master.device in one copy.
-HOST_BATCH_BYTES = 1 << 20
 
 
 class MasterService(pb_grpc.MoEMasterServicer):
@@ -51,6 +47,13 @@ class MasterService(pb_grpc.MoEMasterServicer):
         # Regions of clients on this host, each bound to the connection that attached it.
         self.client_regions = RegionTable()
         self.batcher = InferBatcher(self.engine.forward, cfg.master, metrics)
+        # Per-call metrics through cached children (metrics.Children): label values are the
+        # served layers (or "invalid"), status codes and the two transports.
+        self._requests = Children(metrics.requests)
+        self._request_seconds = Children(metrics.request_seconds)
+        self._tokens = Children(metrics.tokens)
+        self._transport = Children(metrics.infer_transport)
+        self._layer_label = {la: str(la) for la in self.engine.gates}
 
     @error_boundary
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
@@ -74,9 +77,9 @@ class MasterService(pb_grpc.MoEMasterServicer):
             raise
         finally:
             # Unknown layer ids share one label value, so clients cannot mint series.
-            layer = str(request.layer) if request.layer in self.engine.gates else "invalid"
-            self.metrics.requests.labels(layer, code).inc()
-            self.metrics.request_seconds.labels(layer).observe(time.perf_counter() - start)
+            layer = self._layer_label.get(request.layer, "invalid")
+            self._requests(layer, code).inc()
+            self._request_seconds(layer).observe(time.perf_counter() - start)
 
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None, peer: str) -> bytes:
         """`peer`: the calling connection; its SharedTensors resolve only among the regions
@@ -87,7 +90,7 @@ class MasterService(pb_grpc.MoEMasterServicer):
         # master.worker_timeout_s (WorkerPool).
         timeout = math.inf if remaining_s is None else remaining_s
         out, r = await self.batcher.submit(layer, x, request.return_routing, timeout)
-        self.metrics.tokens.labels(str(layer)).inc(x.shape[0])
+        self._tokens(self._layer_label[layer]).inc(x.shape[0])
         self.metrics.request_tokens.observe(x.shape[0])
         reply = pb.InferResponse()
         if request.return_routing:
@@ -127,73 +130,25 @@ class MasterService(pb_grpc.MoEMasterServicer):
         return pb.AttachRegionReply(attached=True)
 
     def _decode(self, request: pb.InferRequest, peer: str) -> torch.Tensor:
-        layers = self.cfg.model.moe_layers
-        if request.layer not in self.engine.gates:
-            raise InvalidRequestError(
-                "layer", f"{request.layer} is not a MoE layer; served: {list(layers)}"
-            )
+        self.engine.check_layer(request.layer)
         shared = request.HasField("hidden_shared")
         if shared:
             x = self.client_regions.view(
                 peer, request.hidden_shared, "hidden_shared", FLOAT_DTYPES, 2
             )
-            self.metrics.infer_transport.labels("shared").inc()
+            self._transport("shared").inc()
         else:
             x = tensor_from_pb(request.hidden, "hidden", dtypes=FLOAT_DTYPES, rank=2)
-            self.metrics.infer_transport.labels("bytes").inc()
-        T, H = x.shape
-        if self.cfg.model.hidden_size != H:
-            raise InvalidRequestError(
-                "hidden.shape[1]", f"{H} != hidden_size={self.cfg.model.hidden_size}"
-            )
-        limit = self.cfg.master.max_request_tokens
-        if limit < T:
-            raise RequestTooLargeError(
-                f"hidden.shape[0]: {T} tokens exceed master.max_request_tokens={limit}"
-            )
-        # A small request that came as bytes is converted and checked in host memory: its
-        # batch then moves to the device in one copy (engine), not one copy and sync per call.
-        small = x.device.type == "cpu" and x.numel() * x.element_size() <= HOST_BATCH_BYTES
+            self._transport("bytes").inc()
         # Shared memory is copied before it is checked: its owner can still write to it, and
-        # what is computed must be what was checked. (A cast or a move to the device copies
-        # anyway; copy=True adds a copy only where neither happens: one memcpy of the input.)
-        x = x.to(x.device if small else self.device, self.dtype, copy=shared)
-        if not bool(torch.isfinite(x).all()):  # one check at the edge, before any fan-out
-            raise InvalidRequestError("hidden", "contains NaN or Inf")
-        return x
+        # what is computed must be what was checked.
+        return self.engine.check_hidden(x, copy=shared)
 
     @error_boundary
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.MasterInfo:
-        m, routing = self.cfg.model, self.cfg.routing
-        workers = [
-            pb.WorkerStatus(
-                id=w.id,
-                address=w.address,
-                healthy=self.pool.healthy[i],
-                devices=list(w.devices),
-                placement=[
-                    pb.LayerExperts(layer=la, experts=w.experts_on(la)) for la in m.moe_layers
-                ],
-            )
-            for i, w in enumerate(self.cfg.workers)
-        ]
-        return pb.MasterInfo(
-            hidden_size=m.hidden_size,
-            expert_ffn_size=m.expert_ffn_size,
-            num_experts=m.num_experts,
-            top_k=m.top_k,
-            expert_kind=m.expert_kind,
-            activation=m.activation,
-            dtype=m.dtype,
-            layers=m.moe_layers,
-            workers=workers,
-            scoring=routing.scoring,
-            normalize_topk=routing.normalize_topk,
-            capacity_factor=routing.capacity_factor or 0.0,
-            max_request_tokens=self.cfg.master.max_request_tokens,
-        )
+        return self.engine.info()
 
 
 def _routing_pb(r: Routing) -> pb.Routing:

@@ -1,7 +1,17 @@
-"""The master's side of the workers: one channel each, health tracking, Forward calls.
+"""The master's side of the workers: channels to each, health tracking, Forward calls.
 
 A worker on the master's host that has mapped the master's shared region (moe_serve.transport.shm)
 gets its tokens and writes its partial sums in place; every other call carries bytes.
+
+The bytes path (what a worker on another host gets) uses `master.worker_channels`
+connections per worker: one HTTP/2 connection moves one large message at a time (its flow
+control windows and a single socket), so a slice larger than `master.worker_chunk_bytes`
+goes as chunks of whole rows, in flight together on different connections: the worker
+computes one chunk while the next is still on the wire. Each chunk's partial sums land in
+one output tensor. Copies of a chunk's rows on the master: the row gather (skipped when a
+slice holds every row of the batch, the common case for one worker), one into the message
+bytes (wire.serialize), then gRPC's own into its slices and the kernel's; the reply is read
+in place (wire.parse) and copied once into the output (none when it came in one call).
 """
 
 from __future__ import annotations
@@ -58,14 +68,27 @@ class WorkerPool:
         self.metrics = metrics
         options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
         self._tls = ClientTLS.from_config(cfg.security.tls)
+        n = cfg.master.worker_channels
+        # channels[w][0] carries health, AttachRegion and shared-memory calls (a worker binds
+        # the region to the connection that attached it); bytes calls rotate over all.
         self._channels = [
-            aio_channel(w.address, self._tls, options, field="security.tls") for w in cfg.workers
+            [
+                aio_channel(w.address, self._tls, options + _own_connection(j), "security.tls")
+                for j in range(n)
+            ]
+            for w in cfg.workers
         ]
         self._forward = [
-            unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in self._channels
+            [unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in chs]
+            for chs in self._channels
         ]
-        self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
-        self._control = [pb_grpc.ExpertWorkerStub(c) for c in self._channels]
+        self._turn = [0] * len(cfg.workers)  # the channel of each worker's next bytes call
+        self._health = [health_pb2_grpc.HealthStub(chs[0]) for chs in self._channels]
+        self._control = [pb_grpc.ExpertWorkerStub(chs[0]) for chs in self._channels]
+        # Rows per bytes call: whole rows of at most worker_chunk_bytes, and no more than a
+        # worker batches at once (batching.max_batch_tokens). 0: one call per slice.
+        self._chunk_bytes = cfg.master.worker_chunk_bytes
+        self._max_chunk_rows = cfg.batching.max_batch_tokens
         self.healthy = [False] * len(cfg.workers)
         self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
         self.call_timeout_s = cfg.master.worker_timeout_s
@@ -110,15 +133,89 @@ class WorkerPool:
             out = await self._forward_shared(self.region, layer, x, sl, timeout_s)
             if out is not None:
                 return out
+        chunks = self._chunks(sl, x.shape[1] * x.element_size())
+        if len(chunks) == 1:
+            return await self._forward_bytes(layer, x, sl, timeout_s)
+        n = sl.token_index.shape[0]
+        # token_index holds distinct ascending rows of x: with n of them, all rows in order,
+        # and chunk a:b is x[a:b], a view (no gather).
+        whole = n == x.shape[0]
+        out = torch.empty((n, x.shape[1]), dtype=x.dtype)
+        calls = [
+            asyncio.ensure_future(
+                self._forward_bytes(layer, x, part, timeout_s, out[a:b], x[a:b] if whole else None)
+            )
+            for a, b, part in chunks
+        ]
+        try:
+            # The first chunk to fail fails the slice (the engine resends all of it to
+            # replicas, as for an unchunked slice); the others are not waited for.
+            await asyncio.gather(*calls)
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        return out
+
+    def _chunks(self, sl: WorkerSlice, row_bytes: int) -> list[tuple[int, int, WorkerSlice]]:
+        """`sl` cut into chunks of whole rows for separate bytes calls: (first row, end row,
+        the chunk as a slice of its own). One chunk (`sl` itself) when it is small enough."""
+        n = sl.token_index.shape[0]
+        rows = n
+        if self._chunk_bytes:
+            rows = max(1, min(self._chunk_bytes // row_bytes, self._max_chunk_rows))
+        if n <= rows:
+            return [(0, n, sl)]
+        # Pairs by row: dispatch's order is token-major already (then this order is the
+        # identity); a stable sort keeps each row's pairs as they were, so every chunk's
+        # worker sums a row's pairs exactly as it would in one call.
+        order = torch.argsort(sl.pair_token, stable=True)
+        token = sl.pair_token[order]
+        edges = torch.arange(0, n, rows, dtype=token.dtype, device=token.device)
+        # Host sync: how many pairs each chunk carries sets the messages' sizes.
+        cuts = [*torch.searchsorted(token, edges).tolist(), token.shape[0]]
+        out = []
+        for i, a in enumerate(range(0, n, rows)):
+            b, p, q = min(a + rows, n), cuts[i], cuts[i + 1]
+            pick = order[p:q]
+            part = WorkerSlice(
+                worker=sl.worker,
+                token_index=sl.token_index[a:b],
+                pair_token=token[p:q] - a,
+                pair_expert=sl.pair_expert[pick],
+                pair_weight=sl.pair_weight[pick],
+            )
+            out.append((a, b, part))
+        return out
+
+    async def _forward_bytes(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        sl: WorkerSlice,
+        timeout_s: float,
+        into: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One bytes call for `sl` (its rows `hidden` when the caller has them as a view);
+        its partial sums copied `into` a chunk of the slice's output, or returned as a view
+        of the reply (no copy)."""
         pairs = _pairs(sl)
-        pairs["hidden"] = x[sl.token_index.to(x.device)]
+        rows = sl.token_index.shape[0]
+        if hidden is None and rows == x.shape[0]:
+            hidden = x  # distinct ascending rows of x, all of them: x itself, no gather
+        if hidden is None:
+            hidden = x[sl.token_index.to(x.device)]
+        pairs["hidden"] = hidden
         request = serialize(pb.ForwardRequest(layer=layer), pairs)
         reply = await self._call(sl, layer, request, timeout_s, "bytes")
         w = self.workers[sl.worker]
         out = tensor_from_pb(reply.output, f"workers[{w.id}].output", dtypes=frozenset({x.dtype}))
-        if tuple(out.shape) != (sl.token_index.shape[0], x.shape[1]):
+        if tuple(out.shape) != (rows, x.shape[1]):
             raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
-        return out
+        if into is None:
+            return out
+        return into.copy_(out)
 
     async def _forward_shared(
         self, region: SharedRegion, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
@@ -168,8 +265,15 @@ class WorkerPool:
         # Each call is bounded by worker_timeout_s even when the client allows more: a
         # frozen worker (stopped, connection open) must be given up in time to resend.
         bound = min(timeout_s, self.call_timeout_s)
+        calls = self._forward[sl.worker]
+        if transport == "shared":
+            call = calls[0]  # the connection the worker bound the region to
+        else:
+            turn = self._turn[sl.worker]
+            self._turn[sl.worker] = (turn + 1) % len(calls)
+            call = calls[turn]
         try:
-            reply = await self._forward[sl.worker](request, timeout=bound, metadata=self._metadata)
+            reply = await call(request, timeout=bound, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._call_error(sl, layer, exc, own_bound=bound < timeout_s) from None
         finally:
@@ -284,7 +388,7 @@ class WorkerPool:
         details = exc.details() or ""
         # A READY channel connected: the worker is slow or frozen, not refused at handshake
         # (and a second call would only wait as long again).
-        state = self._channels[index].get_state(try_to_connect=False)
+        state = self._channels[index][0].get_state(try_to_connect=False)
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and state != _READY:
             try:
                 # Fails at once on a channel in backoff; half a probe interval bounds one
@@ -332,7 +436,7 @@ class WorkerPool:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in self._channels))
+        await asyncio.gather(*(c.close() for chs in self._channels for c in chs))
         if self.region is not None:
             self.region.close()
 
@@ -365,6 +469,13 @@ def _without_addresses(details: str, address: str) -> str:
         if known:
             details = details.replace(known, "<address>")
     return _ADDRESS.sub("<address>", details)
+
+
+def _own_connection(index: int) -> list[tuple[str, int]]:
+    """Channel options that give a channel a connection of its own: gRPC shares one
+    subchannel (one connection) among channels of equal target and options, unless each
+    keeps a local subchannel pool; the index makes the options differ as well."""
+    return [("grpc.use_local_subchannel_pool", 1), ("moe_serve.channel_index", index)]
 
 
 def _pairs(sl: WorkerSlice) -> dict[str, torch.Tensor]:

@@ -5,8 +5,9 @@ One process tree, one run, the world config's weights and devices for all three:
     directly, gate and experts where the config puts them, no network,
 (b) moe_serve through the SDK (master + workers started like `moe-serve up`),
 (c) a torch.distributed.rpc baseline in the style of seed 004 (moe_serve/tools/rpc_baseline.py).
-Then a concurrency sweep at T=1 and the wire codec's GB/s. Prints a table as it goes,
-writes JSON (and a PNG plot when matplotlib is installed).
+Then the per-hop overhead at T=1 (each hop's time less an empty unary call's against the
+same server: `hop_overhead`), a concurrency sweep at T=1 and the wire codec's GB/s. Prints a
+table as it goes, writes JSON (and a PNG plot when matplotlib is installed).
 Legend: T tokens per request, H hidden, F expert FFN, K top_k.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorldConfig
@@ -37,9 +39,10 @@ from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch
 from moe_serve.master.engine import MasterEngine
 from moe_serve.metrics import MasterMetrics, local_url
 from moe_serve.tools.launcher import LocalCluster
-from moe_serve.transport.auth import load_token
+from moe_serve.transport.auth import load_token, load_worker_token, metadata
+from moe_serve.transport.calls import message_options, unary_call
 from moe_serve.transport.server import keep_large_allocations
-from moe_serve.transport.tls import ClientTLS
+from moe_serve.transport.tls import ClientTLS, channel
 from moe_serve.transport.wire import parse, serialize, tensor_from_pb
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import open_weights
@@ -328,6 +331,99 @@ def concurrency_sweep(
     return out, batches
 
 
+# The empty unary call each hop is measured against: the standard health Check (service
+# ""), served on every moe_serve server by grpcio's own HealthServicer. Of the calls every
+# server answers it does the least: a dict lookup and a 2-byte reply, and it skips the token
+# check and the drain counter (auth.OPEN_PREFIXES); GetInfo builds a message per worker and
+# layer. What a hop costs above it is moe_serve's own handling.
+EMPTY_CALL = "grpc.health.v1.Health/Check"
+
+
+def hop_overhead(
+    cfg: WorldConfig,
+    master_address: str,
+    worker_address: str,
+    worker_id: str,
+    layer: int,
+    iters: int = 200,
+    warmup: int = 20,
+) -> dict[str, Any]:
+    """p50 ms at T=1 of each hop and of the empty unary call (EMPTY_CALL) against the same
+    server processes, one blocking channel per server as the SDK uses, timed interleaved.
+
+    `worker_forward_p50_ms`: a Forward of one token with min(top_k, held) pairs sent straight
+    to worker `worker_id` (bytes, no shared memory, as the master sends a T=1 slice).
+    `master_infer_p50_ms`: an Infer of one token through the SDK (client -> master ->
+    workers -> back). The master's own hop is the Infer less one worker hop (the master
+    calls its workers concurrently: one hop's time is what they add);
+    `*_hop_overhead_ms` = hop time - empty call on that server.
+    """
+    m = cfg.model
+    dtype = DTYPE_NAMES[m.dtype]
+    opts = message_options(1 << 24)
+    tls = ClientTLS.from_config(cfg.security.tls)
+    held = cfg.worker(worker_id).experts_on(layer)[: m.top_k]
+    x = torch.randn(1, m.hidden_size).to(cfg.master.device, dtype)  # host RNG (see run)
+    forward_request = serialize(
+        pb.ForwardRequest(layer=layer),
+        {
+            "hidden": x.cpu(),
+            "pair_token": torch.zeros(len(held), dtype=torch.int32),
+            "pair_expert": torch.tensor(held, dtype=torch.int32),
+            "pair_weight": torch.full((len(held),), 1.0 / len(held)),
+        },
+    )
+    worker_md = metadata(load_worker_token(cfg.security))
+    empty = health_pb2.HealthCheckRequest()
+    with (
+        channel(master_address, tls, opts) as to_master,
+        channel(worker_address, tls, opts) as to_worker,
+        MoEClient(master_address, token=load_token(cfg.security), tls=tls) as client,
+    ):
+        master_check = health_pb2_grpc.HealthStub(to_master).Check
+        worker_check = health_pb2_grpc.HealthStub(to_worker).Check
+        forward = unary_call(to_worker, "ExpertWorker", "Forward", pb.ForwardResponse)
+        calls: dict[str, Callable[[], object]] = {
+            "master_empty": lambda: master_check(empty, timeout=30),
+            "worker_empty": lambda: worker_check(empty, timeout=30),
+            "worker_forward": lambda: forward(forward_request, timeout=30, metadata=worker_md),
+            "master_infer": lambda: client.infer(x, layer),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for i in range(warmup + iters):
+            # Interleaved, one call of each per round: drifts in load hit all four alike.
+            for name, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+    p50 = {name: statistics.median(v) for name, v in samples.items()}
+    master_hop = p50["master_infer"] - p50["worker_forward"]
+    return {
+        "empty_call": EMPTY_CALL,
+        "master_empty_p50_ms": p50["master_empty"],
+        "worker_empty_p50_ms": p50["worker_empty"],
+        "worker_forward_p50_ms": p50["worker_forward"],
+        "master_infer_p50_ms": p50["master_infer"],
+        "worker_hop_overhead_ms": p50["worker_forward"] - p50["worker_empty"],
+        "master_hop_ms": master_hop,
+        "master_hop_overhead_ms": master_hop - p50["master_empty"],
+    }
+
+
+def print_hops(h: dict[str, Any]) -> None:
+    """The per-hop table: each hop, the empty call against the same server, the difference."""
+    print(f"  per-hop at T=1 (p50 ms; empty call: {h['empty_call']})", flush=True)
+    print(f"    {'hop':8} {'hop time':>9} {'empty call':>11} {'overhead':>9}", flush=True)
+    for hop, time_key in (("worker", "worker_forward_p50_ms"), ("master", "master_hop_ms")):
+        print(
+            f"    {hop:8} {h[time_key]:9.3f} {h[f'{hop}_empty_p50_ms']:11.3f} "
+            f"{h[f'{hop}_hop_overhead_ms']:9.3f}",
+            flush=True,
+        )
+    print(f"    (Infer through the SDK: {h['master_infer_p50_ms']:.3f})", flush=True)
+
+
 def wire_gbps(device: str, iters: int = 10) -> dict[str, float]:
     """A 4096 x 4096 bfloat16 tensor on `device` through wire.py, in GB/s of tensor bytes.
 
@@ -423,6 +519,11 @@ def run(
                         flush=True,
                     )
                     rows.append(row)
+            w0 = cfg.workers[0]
+            hops = hop_overhead(
+                cfg, cluster.master_address, cluster.child_address(f"worker {w0.id}"), w0.id, layer
+            )
+            print_hops(hops)
             print("    concurrency sweep at T=1", flush=True)
             sweep, batches = concurrency_sweep(
                 cluster.master_address, H, cfg.master.device, clients, seconds, cfg
@@ -450,7 +551,8 @@ def run(
         "concurrency_batches": {str(n): v for n, v in batches.items()},
         "wire_gbps": wire,
         "stages_ms": stages,
-        "summary": _summary(rows, sweep, gbps),
+        "hop_overhead": hops,
+        "summary": _summary(rows, sweep, gbps, hops),
         "command": " ".join(sys.argv),
     }
     print(json.dumps(result["summary"], indent=1), flush=True)
@@ -461,7 +563,9 @@ def run(
     return result
 
 
-def _summary(rows: list[dict[str, Any]], sweep: dict[int, float], gbps: float) -> dict[str, Any]:
+def _summary(
+    rows: list[dict[str, Any]], sweep: dict[int, float], gbps: float, hops: dict[str, Any]
+) -> dict[str, Any]:
     def at(system: str, T: int, key: str = "p50_ms") -> float | None:
         return next((r[key] for r in rows if r["system"] == system and r["tokens"] == T), None)
 
@@ -473,6 +577,9 @@ def _summary(rows: list[dict[str, Any]], sweep: dict[int, float], gbps: float) -
         "t1_p99_ms": at("moe_serve", 1, "p99_ms"),
         "batching_gain_64": sweep[64] / sweep[1] if 64 in sweep and 1 in sweep else None,
         "wire_gbps": gbps,
+        "empty_call_p50_ms": hops["master_empty_p50_ms"],
+        "master_hop_overhead_ms": hops["master_hop_overhead_ms"],
+        "worker_hop_overhead_ms": hops["worker_hop_overhead_ms"],
     }
 
 

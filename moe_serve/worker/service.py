@@ -8,6 +8,7 @@ import grpc
 import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError
+from moe_serve.metrics import Children
 from moe_serve.transport.server import error_boundary
 from moe_serve.transport.shm import RegionTable, SharedMemoryError
 from moe_serve.transport.wire import dtype_name, serialize, tensor_from_pb
@@ -28,6 +29,7 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
         self.engine, self.batcher = engine, batcher
         self.metrics = batcher.metrics
+        self._requests = Children(self.metrics.forward_requests)  # one child per status code
         # Masters' regions, each bound to the connection that attached it: another caller's
         # AttachRegion makes its own binding and never replaces a master's.
         self.regions = RegionTable()
@@ -47,9 +49,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
                 )
             out = await self.batcher.submit(request.layer, *inputs)
         except MoEError as exc:
-            self.metrics.forward_requests.labels(exc.code.name).inc()
+            self._requests(exc.code.name).inc()
             raise
-        self.metrics.forward_requests.labels("OK").inc()
+        self._requests("OK").inc()
         if target is None:
             return serialize(pb.ForwardResponse(), {"output": out})
         target.copy_(out)
