@@ -1,4 +1,4 @@
-"""`moe-serve bench`: one run measures all three systems and writes the summary keys."""
+"""`moe-serve bench`: one run measures every system and writes the summary keys."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import yaml
 
 from moe_serve.config import parse_config
 from moe_serve.layer.reference import ReferenceMoE
-from moe_serve.tools.bench import InProcessMoE, flops_per_token, hop_overhead
+from moe_serve.tools.bench import GroupedMoE, InProcessMoE, flops_per_token, hop_overhead
 from moe_serve.tools.launcher import dial_address
 from tests.conftest import world
 from tests.support.cluster import InProcessCluster
@@ -30,7 +30,13 @@ SUMMARY_KEYS = {
     "empty_call_p50_ms",
     "master_hop_overhead_ms",
     "worker_hop_overhead_ms",
+    "t1_embedded_p50_ms",
+    "t1_embedded_p99_ms",
+    "t1_inprocess_p50_ms",
+    "t4096_inprocess_p50_ms",
+    "t4096_embedded_vs_inprocess",
 }
+SYSTEMS = ("in-process-grouped", "in-process", "moe_serve", "moe_serve_embedded", "torch_rpc")
 HOP_KEYS = {
     "empty_call",
     "master_empty_p50_ms",
@@ -57,6 +63,16 @@ def test_in_process_path_equals_the_reference() -> None:
     for layer in (0, 3):
         expected, _ = ReferenceMoE(cfg.model, cfg.routing).forward(x, layer)
         assert (InProcessMoE(cfg).forward(x, layer) - expected).abs().max().item() <= 1e-6
+
+
+def test_grouped_baseline_equals_the_reference() -> None:
+    """The fastest in-process layer computes the same layer (shared experts included)."""
+    cfg = parse_config(world(model={"moe_layers": [0, 3], "shared_expert_ffn_size": 32}))
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    grouped = GroupedMoE(cfg)
+    for layer in (0, 3):
+        expected, _ = ReferenceMoE(cfg.model, cfg.routing).forward(x, layer)
+        assert (grouped.forward(x, layer) - expected).abs().max().item() <= 1e-6
 
 
 def test_flops_per_token_counts_gate_k_experts_and_shared() -> None:
@@ -96,7 +112,7 @@ def test_hop_overhead_is_each_hop_less_the_empty_call_on_the_same_server(
 
 
 @pytest.mark.e2e
-def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: Path) -> None:
+def test_bench_writes_every_system_and_exactly_the_summary_keys(tmp_path: Path) -> None:
     path = tmp_path / "world.yaml"
     path.write_text(yaml.safe_dump(world()))
     out = tmp_path / "bench.json"
@@ -133,7 +149,7 @@ def test_bench_writes_all_three_systems_and_exactly_the_summary_keys(tmp_path: P
     assert "per-hop at T=1" in result.stdout
     assert doc["summary"]["t1_p50_ms"] > 0 and doc["summary"]["wire_gbps"] > 0
     systems = {(r["system"], r["tokens"]) for r in doc["rows"]}
-    assert systems == {(s, t) for s in ("in-process", "moe_serve", "torch_rpc") for t in (1, 8)}
+    assert systems == {(s, t) for s in SYSTEMS for t in (1, 8)}
     assert set(doc["concurrency"]) == {"1", "2"}
     assert {"gpus", "gpu_count", "torch", "cuda"} <= set(doc["device"])
     assert set(doc["stages_ms"]) == {"1", "8"}

@@ -1,9 +1,15 @@
 """`moe-serve bench`: moe_serve against the same layer in-process and over torch.distributed.rpc.
 
-One process tree, one run, the world config's weights and devices for all three:
-(a) the in-process MoE: the master's engine (MasterEngine) over the workers' engines called
-    directly, gate and experts where the config puts them, no network,
-(b) moe_serve through the SDK (master + workers started like `moe-serve up`),
+One process tree, one run, the world config's weights and devices for all:
+(a) two in-process layers, no network: `in-process-grouped`, the fastest single-process layer
+    we can write (gate, then every expert on master.device in one grouped GEMM per
+    projection, CUDA graphs for small batches: what a user would run instead of a service),
+    and `in-process`, the master's engine (MasterEngine) over the workers' engines called
+    directly, gate and experts where the config puts them. Ratios are taken against the
+    faster of the two at each T,
+(b) moe_serve through the SDK (master + workers started like `moe-serve up`), then the
+    embedded master (`MoEClient.embedded`: the gate in the bench's process, one hop to the
+    workers) against the same workers,
 (c) a torch.distributed.rpc baseline in the style of seed 004 (moe_serve/tools/rpc_baseline.py).
 Then the per-hop overhead at T=1 (each hop's time less an empty unary call's against the
 same server: `hop_overhead`), a concurrency sweep at T=1 and the wire codec's GB/s. Prints a
@@ -32,10 +38,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.client import AsyncMoEClient, MoEClient
-from moe_serve.config import WorldConfig
+from moe_serve.config import WorkerConfig, WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import MoEError
 from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch
+from moe_serve.layer.experts import load_shared, shared_forward
+from moe_serve.layer.gating import Gate
 from moe_serve.master.engine import MasterEngine
 from moe_serve.metrics import MasterMetrics, local_url
 from moe_serve.tools.launcher import LocalCluster
@@ -49,6 +57,8 @@ from moe_serve.weights import open_weights
 from moe_serve.worker.engine import WorkerEngine
 
 TOKENS = (1, 8, 64, 512, 4096)
+# The in-process baselines; a ratio is taken against the faster of them at each T.
+IN_PROCESS = ("in-process-grouped", "in-process")
 CLIENTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -129,12 +139,62 @@ class InProcessMoE:
         self._close()
 
 
+class GroupedMoE:
+    """The fastest single-process layer: the gate, then every routed expert stacked on
+    master.device and run as one grouped GEMM per projection (torch._grouped_mm where it
+    runs; CUDA graphs per size bucket for small batches, as the workers capture them), the
+    shared experts, one weighted sum. No dispatch, no second device, no event loop."""
+
+    def __init__(self, cfg: WorldConfig) -> None:
+        m, self.device = cfg.model, torch.device(cfg.master.device)
+        self.dtype, self.top_k = DTYPE_NAMES[m.dtype], m.top_k
+        source = open_weights(m, cfg.routing)
+        self.gates = {
+            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, self.dtype)
+            for la in m.moe_layers
+        }
+        self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
+        everything = WorkerConfig(
+            id="all",
+            address="127.0.0.1:1",
+            devices=[cfg.master.device],
+            experts=list(range(m.num_experts)),
+        )
+        self.experts = WorkerEngine(m, everything, source)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """x [T, H] -> [T, H] in the model dtype, on master.device."""
+        x = x.to(self.device, self.dtype)
+        r = self.gates[layer](x, losses=False)
+        token = torch.arange(x.shape[0], device=self.device).repeat_interleave(self.top_k)
+        out = self.experts.forward(
+            layer, x, token, r.expert_ids.flatten(), r.weights.flatten(), out_device=self.device
+        )
+        if layer in self.shared:
+            out = out + shared_forward(self.experts.model.activation, self.shared[layer], x)
+        return out
+
+
 def _in_process(
     cfg: WorldConfig, xs: dict[int, torch.Tensor], layer: int, iters: int, flops: float
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+    grouped = GroupedMoE(cfg)
+    rows = [
+        _row(
+            "in-process-grouped",
+            T,
+            time_calls(functools.partial(grouped.forward, x, layer), iters, 3),
+            flops,
+        )
+        for T, x in xs.items()
+    ]
+    del grouped  # its experts' memory goes back before the next layer loads them
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     ref = InProcessMoE(cfg)  # freed on return, before the workers load their experts
     try:
-        rows = [
+        rows += [
             _row(
                 "in-process",
                 T,
@@ -277,7 +337,7 @@ def _row(name: str, T: int, t: dict[str, float], flops: float) -> dict[str, Any]
     t["tokens_per_s"] = T / (t["mean_ms"] / 1e3)
     t["tflops"] = flops * T / (t["mean_ms"] / 1e3) / 1e12
     print(
-        f"  {name:14} T={T:<5} p50 {t['p50_ms']:8.3f} ms  p99 {t['p99_ms']:8.3f} ms  "
+        f"  {name:18} T={T:<5} p50 {t['p50_ms']:8.3f} ms  p99 {t['p99_ms']:8.3f} ms  "
         f"{t['tokens_per_s']:12,.0f} tok/s  {t['tflops']:7.3f} TFLOP/s",
         flush=True,
     )
@@ -519,6 +579,12 @@ def run(
                         flush=True,
                     )
                     rows.append(row)
+            print("    embedded master (gate here, one hop to the workers)", flush=True)
+            with MoEClient.embedded(cfg) as client:
+                for T, x in xs.items():
+                    client.infer(x, layer=layer)
+                    timing = time_calls(functools.partial(client.infer, x, layer), iters, 0)
+                    rows.append(_row("moe_serve_embedded", T, timing, flops))
             w0 = cfg.workers[0]
             hops = hop_overhead(
                 cfg, cluster.master_address, cluster.child_address(f"worker {w0.id}"), w0.id, layer
@@ -569,12 +635,24 @@ def _summary(
     def at(system: str, T: int, key: str = "p50_ms") -> float | None:
         return next((r[key] for r in rows if r["system"] == system and r["tokens"] == T), None)
 
-    serve, inproc, rpc = at("moe_serve", 4096), at("in-process", 4096), at("torch_rpc", 4096)
+    def fastest_in_process(T: int) -> float | None:
+        times = [t for s in IN_PROCESS if (t := at(s, T)) is not None]
+        return min(times) if times else None
+
+    serve, inproc, rpc = at("moe_serve", 4096), fastest_in_process(4096), at("torch_rpc", 4096)
+    t1_base = fastest_in_process(1)
     return {
         "t4096_vs_inprocess": serve / inproc if serve and inproc else None,
         "t4096_speedup_vs_torch_rpc": rpc / serve if serve and rpc else None,
         "t1_p50_ms": at("moe_serve", 1),
         "t1_p99_ms": at("moe_serve", 1, "p99_ms"),
+        "t1_embedded_p50_ms": at("moe_serve_embedded", 1),
+        "t1_embedded_p99_ms": at("moe_serve_embedded", 1, "p99_ms"),
+        "t1_inprocess_p50_ms": t1_base,
+        "t4096_inprocess_p50_ms": inproc,
+        "t4096_embedded_vs_inprocess": (
+            e / inproc if (e := at("moe_serve_embedded", 4096)) and inproc else None
+        ),
         "batching_gain_64": sweep[64] / sweep[1] if 64 in sweep and 1 in sweep else None,
         "wire_gbps": gbps,
         "empty_call_p50_ms": hops["master_empty_p50_ms"],
@@ -593,7 +671,7 @@ def _plot(rows: list[dict[str, Any]], sweep: dict[int, float], path: Path) -> No
         print(f"(matplotlib is not installed: no plot at {path})")
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for system in ("in-process", "moe_serve", "torch_rpc"):
+    for system in (*IN_PROCESS, "moe_serve", "moe_serve_embedded", "torch_rpc"):
         pts = sorted((r["tokens"], r["p50_ms"]) for r in rows if r["system"] == system)
         if pts:
             a.plot(*zip(*pts, strict=True), marker="o", label=system)
