@@ -54,13 +54,17 @@ from typing import Any
 import torch
 import yaml
 
-from moe_serve.config import WorldConfig, parse_config
-from moe_serve.dtypes import DTYPE_NAMES
-from moe_serve.layer.dispatch import WorkerSlice
-from moe_serve.master.workers import WorkerPool
-from moe_serve.metrics import MasterMetrics
-from moe_serve.tools.demo import free_ports
-from moe_serve.tools.launcher import is_serving
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's moe_serve, and the tests' two hosts
+
+from moe_serve.config import WorldConfig, parse_config  # noqa: E402
+from moe_serve.dtypes import DTYPE_NAMES  # noqa: E402
+from moe_serve.layer.dispatch import WorkerSlice  # noqa: E402
+from moe_serve.master.workers import WorkerPool  # noqa: E402
+from moe_serve.metrics import MasterMetrics  # noqa: E402
+from moe_serve.tools.demo import free_ports  # noqa: E402
+from moe_serve.tools.launcher import is_serving  # noqa: E402
+from tests.support.netns import HostsUnavailableError, TwoHosts  # noqa: E402
 
 CHUNK = 1 << 20  # socket read/write granularity of the baseline
 # glibc: serve big allocations from the heap and keep freed memory (see the docstring).
@@ -243,6 +247,86 @@ def with_master(cfg: WorldConfig, **keys: Any) -> WorldConfig:
     return cfg.model_copy(update={"master": cfg.master.model_copy(update=keys)})
 
 
+def worker_command(config: Path) -> list[str]:
+    """`moe-serve worker` of the one worker of `config` (this interpreter, no console script)."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from moe_serve.cli import main; sys.exit(main())",
+        "worker",
+        "--config",
+        str(config),
+        "--worker-id",
+        "w0",
+    ]
+
+
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The worker's environment: glibc keeps freed memory; one torch thread on CPU."""
+    env = {**os.environ, **MALLOC_ENV}
+    if args.device == "cpu" and (args.worker_device or "cpu") == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+# Ports in host B: a fresh network namespace has every port free.
+B_WORKER_PORT, B_METRICS_PORT, B_SINK_PORT = 50061, 9401, 50070
+
+
+def two_hosts(args: argparse.Namespace) -> None:
+    """This benchmark across two hosts joined only by TCP (tests/support/netns.py: network,
+    PID and mount namespaces, a veth link with a 10 Gbit/s token bucket on both ends): the
+    worker and the socket peer in host B, the measurement (the master's WorkerPool, the
+    socket's client) in host A, so both cross the same link in the same run. Writes the
+    result of the run in A, with the link described in `setup.two_hosts`."""
+    tmp = Path(tempfile.mkdtemp(prefix="bytes-path-two-hosts-"))
+    result_path = tmp / "result.json"
+    procs: list[subprocess.Popen[bytes]] = []
+    with TwoHosts() as hosts, open(tmp / "worker.log", "w") as log:
+        worker = f"{hosts.b.ip}:{B_WORKER_PORT}"
+        config = tmp / "world.yaml"
+        config.write_text(yaml.safe_dump(world(args, worker, B_METRICS_PORT)))
+        env = worker_env(args)
+        procs.append(
+            hosts.popen(
+                hosts.b, worker_command(config), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        )
+        procs.append(
+            hosts.popen(hosts.b, [sys.executable, __file__, "--serve-sink", str(B_SINK_PORT)])
+        )
+        measure = [
+            sys.executable,
+            __file__,
+            *("--worker", worker, "--sink", f"{hosts.b.ip}:{B_SINK_PORT}"),
+            *("--worker-metrics", f"{hosts.b.ip}:{B_METRICS_PORT}", "--json", str(result_path)),
+            *("--tokens", *map(str, args.tokens), "--hidden", str(args.hidden)),
+            *("--ffn", str(args.ffn), "--dtype", args.dtype, "--device", args.device),
+            *("--iters", str(args.iters), "--channels", str(args.channels)),
+            *("--chunk-bytes", str(args.chunk_bytes), "--label", args.label),
+            *(("--worker-device", args.worker_device) if args.worker_device else ()),
+        ]
+        code = hosts.popen(hosts.a, measure).wait()
+        if code != 0:
+            raise SystemExit(f"the run in host A failed ({code}); worker log: {log.name}")
+    for proc in procs:  # killed with their host
+        proc.wait()
+    result = json.loads(result_path.read_text())
+    result["setup"]["worker"] = "host B (two hosts joined by a veth link)"
+    result["setup"]["worker_env"] = {
+        k: env[k] for k in (*MALLOC_ENV, "OMP_NUM_THREADS") if k in env
+    }
+    result["setup"]["two_hosts"] = {
+        "master": "host A: the WorkerPool and the raw socket's client",
+        "worker": "host B: the worker and the raw socket's peer",
+        "isolation": "network, PID and mount namespaces per host; /dev/shm a tmpfs each",
+        "link": {"kind": "veth pair, tc tbf on both ends", **hosts.link},
+    }
+    if args.json:  # the run in A printed its rows and summary
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
@@ -260,6 +344,11 @@ def main() -> None:
     parser.add_argument("--serve-sink", type=int, metavar="PORT", help="run the socket peer")
     parser.add_argument("--write-config", type=Path, help="write the worker's config and exit")
     parser.add_argument("--worker-address", default="0.0.0.0:50061")
+    parser.add_argument(
+        "--two-hosts",
+        action="store_true",
+        help="worker and socket peer in host B, this measurement in host A (needs root)",
+    )
     parser.add_argument("--label", default=platform.node())
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -268,6 +357,12 @@ def main() -> None:
         return
     if args.write_config:
         args.write_config.write_text(yaml.safe_dump(world(args, args.worker_address)))
+        return
+    if args.two_hosts:
+        try:
+            two_hosts(args)
+        except HostsUnavailableError as exc:
+            raise SystemExit(f"two hosts cannot be made here: {exc}") from None
         return
     children: list[subprocess.Popen[bytes]] = []
     setup: dict[str, Any] = {"master_keeps_freed_memory": keep_freed_memory()}
@@ -279,26 +374,12 @@ def main() -> None:
             worker, worker_metrics = f"127.0.0.1:{wport}", f"127.0.0.1:{mport}"
             path = tmp / "world.yaml"
             path.write_text(yaml.safe_dump(world(args, worker, mport)))
-            log = open(tmp / "worker.log", "w")  # noqa: SIM115 - closed with the process
-            env = {**os.environ, **MALLOC_ENV}
-            if args.device == "cpu" and (args.worker_device or "cpu") == "cpu":
-                env["OMP_NUM_THREADS"] = "1"
+            env = worker_env(args)
             setup["worker_env"] = {k: env[k] for k in (*MALLOC_ENV, "OMP_NUM_THREADS") if k in env}
+            log = open(tmp / "worker.log", "w")  # noqa: SIM115 - closed with the process
             children.append(
                 subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        "import sys; from moe_serve.cli import main; sys.exit(main())",
-                        "worker",
-                        "--config",
-                        str(path),
-                        "--worker-id",
-                        "w0",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
+                    worker_command(path), stdout=log, stderr=subprocess.STDOUT, env=env
                 )
             )
         if sink is None:

@@ -94,7 +94,7 @@ def collect(docs: dict[str, dict[str, Any] | None]) -> dict[str, tuple[float | N
     b = (docs.get("bytes") or {}).get("summary", {})
     got["bytes_path_vs_raw_tcp"] = (b.get("bytes_path_vs_raw_tcp"), "bytes.json summary")
     fp8 = (docs.get("fp8") or {}).get("summary", {})
-    ratio = fp8.get("fp8_bytes_ratio") if fp8.get("fp8_gate_passed") else None
+    ratio = fp8.get("fp8_bytes_ratio_bfloat16") if fp8.get("fp8_gate_passed") else None
     got["fp8_bytes_ratio"] = (ratio, "fp8.json summary (None unless the accuracy gate passed)")
     return got
 
@@ -105,12 +105,19 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True, help="directory for every JSON and log")
     p.add_argument("--e2e-layers", type=int, default=8)
     p.add_argument("--device", default="cuda", help="cuda or cpu (bytes path and FP8 steps)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("bench", "e2e", "bytes", "fp8"))
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("bench", "e2e", "bytes", "fp8"),
+        help="steps not to run; their JSON from an earlier run into --out is used if there",
+    )
     p.add_argument("--step-timeout", type=float, default=1800.0, help="seconds per step")
     args = p.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
+    fp8_device = "cuda:0" if args.device == "cuda" else args.device
     steps = {
         "bench": [py, "-m", "moe_serve", "bench", "--config", str(args.config),
                   "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")],
@@ -118,13 +125,20 @@ def main() -> int:
                 "--batch", "1", "32", "--new-tokens", "64", "--out", str(out / "e2e.json")],
         "bytes": [py, "benchmarks/bytes_path.py", "--device", args.device, "--tokens", "4096",
                   "--json", str(out / "bytes.json")],
-        "fp8": [py, "benchmarks/fp8_dispatch.py", "--config", str(args.config),
-                "--json", str(out / "fp8.json")],
+        "fp8": [py, "benchmarks/fp8_dispatch.py", "--device", fp8_device, "--mixtral",
+                "--out", str(out / "fp8.json")],
     }  # fmt: skip
+    # A skipped step's JSON from an earlier run into the same --out is used as it is: the
+    # steps of one run can be split over several calls (a device call lasts 10 minutes).
     docs = {
         name: step(name, argv, out, args.step_timeout)
-        for name, argv in steps.items()
         if name not in args.skip
+        else (
+            json.loads((out / f"{name}.json").read_text())
+            if (out / f"{name}.json").exists()
+            else None
+        )
+        for name, argv in steps.items()
     }
     rows = {}
     print(f"\n{'key':28} {'value':>10} {'goal':>10}  met", flush=True)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from moe_serve.errors import DrainingError, MoEError, RequestTooLargeError
+from moe_serve.tracing import NO_TRACING, NULL, Queued, Tracing
 
 C = TypeVar("C")  # what one side queues for one call (its tensors and options)
 R = TypeVar("R")  # what one call resolves to
@@ -67,6 +68,7 @@ class _Queued(Generic[C, R]):
     layer: int
     tokens: int  # counted against max_batch_tokens
     future: asyncio.Future[R] = field(repr=False)
+    trace: Queued | None = field(default=None, repr=False)  # when tracing is on
 
 
 class Batcher(Generic[C, R]):
@@ -76,7 +78,8 @@ class Batcher(Generic[C, R]):
     each batch on the loop's own task, before the next is gathered (a pass with no await in
     it then runs without a task switch); n runs up to n batches as tasks beside the loop,
     which gathers the next meanwhile. `on_queue` is told the number of calls queued after
-    each submit and each batch taken.
+    each submit and each batch taken. With `tracing` on, each call's wait is a `queue` span
+    and each pass a `pass_name` span (moe_serve.tracing.Tracing.batch).
     """
 
     def __init__(
@@ -87,8 +90,11 @@ class Batcher(Generic[C, R]):
         max_batch_tokens: int,
         max_in_flight: int | None = None,
         on_queue: Callable[[int], None] | None = None,
+        tracing: Tracing = NO_TRACING,
+        pass_name: str = "pass",
     ) -> None:
         self.run, self.budget = run, budget
+        self.tracing, self.pass_name = tracing, pass_name
         self.window_s, self.max_batch_tokens = window_s, max_batch_tokens
         self.on_queue = on_queue
         self._queue: asyncio.Queue[_Queued[C, R]] = asyncio.Queue()
@@ -132,9 +138,15 @@ class Batcher(Generic[C, R]):
             raise self._draining()
         with self.budget.admit(tokens if held is None else held):
             future = asyncio.get_running_loop().create_future()
-            self._queue.put_nowait(_Queued(call, layer, tokens, future))
+            trace = self.tracing.queued()  # None when tracing is off
+            self._queue.put_nowait(_Queued(call, layer, tokens, future, trace))
             self._queued()
-            return await future
+            if trace is None:
+                return await future
+            try:
+                return await future
+            finally:
+                trace.dequeued()  # a caller that gave up: its wait ends here
 
     def _draining(self) -> DrainingError:
         return DrainingError(
@@ -203,9 +215,17 @@ class Batcher(Generic[C, R]):
         if self._slots is not None:
             self._slots.release()
 
+    def _traced(self, layer: int, batch: list[_Queued[C, R]]) -> AbstractContextManager[Any]:
+        """The pass's span (the current one while it runs), or NULL when tracing is off."""
+        if not self.tracing.on:
+            return NULL
+        tokens = sum(q.tokens for q in batch)
+        return self.tracing.batch(self.pass_name, layer, [q.trace for q in batch], tokens)
+
     async def _pass(self, layer: int, batch: list[_Queued[C, R]], last: bool) -> None:
         try:
-            results = await self.run(layer, [q.call for q in batch])
+            with self._traced(layer, batch):
+                results = await self.run(layer, [q.call for q in batch])
         except Exception as exc:  # an error of the pass as a whole: each of its calls gets it
             for q in batch:
                 if not q.future.done():

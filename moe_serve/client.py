@@ -22,14 +22,21 @@ another transport: an `EmbeddedMaster` (moe_serve.master.embedded) in this proce
 gates and shared experts and calls the workers itself, one hop per layer instead of two.
 The core checks and decodes its calls as it does a master's (same RoutingInfo, same
 MoEServeError codes and messages).
+
+`tracer_provider=` (an OpenTelemetry TracerProvider) turns on spans (moe_serve.tracing): each
+`infer` is a CLIENT span whose W3C traceparent travels in the call's metadata, so the
+master's and the workers' spans join its trace (embedded: an INTERNAL span holding the
+in-process master's stages). Without it, no span and no header.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +49,14 @@ from moe_serve.config import WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import MoEError, Reason, reason_of
 from moe_serve.layer.gating import Routing
+from moe_serve.tracing import (
+    EMBEDDED_INFER,
+    INFER,
+    NO_TRACING,
+    TracerProvider,
+    Tracing,
+    from_provider,
+)
 from moe_serve.transport.auth import metadata
 from moe_serve.transport.calls import message_options, unary_call
 from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
@@ -380,24 +395,47 @@ class _Core:
         token: str | None,
         tls: ClientTLS | None,
         embedded: EmbeddedMaster | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.address, self.tls = address, tls
         self.metadata = metadata(token)
         self.shared = _SharedPath(shared_memory_bytes)
         # The embedded transport: calls go to this in-process master instead of a channel.
         self.embedded = embedded
+        self.tracing = tracing
+
+    @contextlib.contextmanager
+    def traced(self, x: torch.Tensor, layer: int) -> Iterator[tuple[tuple[str, str], ...] | None]:
+        """The span of one infer (tracing on only), current within the block, which gets
+        the call's metadata: the token's, plus the span's traceparent to a master."""
+        tokens = x.numel() // x.shape[-1] if x.dim() > 0 and x.shape[-1] else 0
+        attributes: dict[str, str | int] = {"moe_serve.layer": layer, "moe_serve.tokens": tokens}
+        if self.embedded is not None:
+            with self.tracing.span(EMBEDDED_INFER, attributes):
+                yield self.metadata
+            return
+        attributes["server.address"] = self.address
+        with self.tracing.client(INFER, self.metadata, attributes) as md:
+            yield md
 
     @classmethod
-    def start_embedded(cls, config: WorldConfig | str | Path, start_timeout: float) -> _Core:
+    def start_embedded(
+        cls,
+        config: WorldConfig | str | Path,
+        start_timeout: float,
+        tracer_provider: TracerProvider | None = None,
+    ) -> _Core:
         """The core of an embedded client: its master started, ready (MoEServeError else)."""
         # Imported here: a thin client of a remote master loads none of the master's code.
         from moe_serve.master.embedded import EmbeddedMaster
 
         try:
-            master = EmbeddedMaster(config, ready_timeout_s=start_timeout)
+            master = EmbeddedMaster(
+                config, ready_timeout_s=start_timeout, tracer_provider=tracer_provider
+            )
         except MoEError as exc:
             raise _moe_error(exc) from None
-        return cls("embedded", 0, None, None, embedded=master)
+        return cls("embedded", 0, None, None, embedded=master, tracing=master.tracing)
 
     def submit(
         self, x: torch.Tensor, layer: int, return_routing: bool, timeout: float | None
@@ -528,9 +566,11 @@ class MoEClient:
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
         token: str | None = None,
         tls: ClientTLS | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.timeout = timeout
-        self._core = _Core(address, shared_memory_bytes, token, tls)
+        tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
+        self._core = _Core(address, shared_memory_bytes, token, tls, tracing=tracing)
         self._channel = channel(address, tls, message_options(max_message_bytes) + _OWN_CONNECTION)
         self._stub = pb_grpc.MoEMasterStub(self._channel)
         self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
@@ -543,6 +583,7 @@ class MoEClient:
         *,
         timeout: float | None = 30.0,
         start_timeout: float = 30.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> MoEClient:
         """A client whose master runs in this process (moe_serve.master.embedded): the gates
         and shared experts here, tokens straight to the workers of `config` (a world YAML
@@ -550,10 +591,11 @@ class MoEClient:
 
         Returns once every expert has a live replica: MoEServeError UNAVAILABLE naming the
         experts and workers down after `start_timeout` s. A bad config, an unset worker
-        token variable or an unreadable TLS file raise moe_serve.errors.ConfigError."""
+        token variable or an unreadable TLS file raise moe_serve.errors.ConfigError.
+        Spans go to `tracer_provider` when given, else as the config's `tracing` says."""
         self = cls.__new__(cls)
         self.timeout = timeout
-        self._core = _Core.start_embedded(config, start_timeout)
+        self._core = _Core.start_embedded(config, start_timeout, tracer_provider)
         return self
 
     @property
@@ -598,6 +640,20 @@ class MoEClient:
         """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
         `return_routing=True` the gate's RoutingInfo too."""
         timeout = timeout or self.timeout
+        if not self._core.tracing.on:
+            return self._run(x, layer, return_routing, timeout, self._core.metadata)
+        with self._core.traced(x, layer) as md:
+            return self._run(x, layer, return_routing, timeout, md)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        return_routing: bool,
+        timeout: float | None,
+        md: tuple[tuple[str, str], ...] | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """One infer, its call sent with metadata `md`."""
         if self._core.embedded is not None:
             done = self._core.submit(x, layer, return_routing, timeout)
             try:
@@ -610,9 +666,7 @@ class MoEClient:
                 self._attach(call.flat, timeout)
             while True:  # at most twice: shared memory, then bytes
                 try:
-                    reply = self._infer(
-                        call.request(), timeout=timeout, metadata=self._core.metadata
-                    )
+                    reply = self._infer(call.request(), timeout=timeout, metadata=md)
                 except grpc.RpcError as exc:
                     call.refused(exc)
                 else:
@@ -676,9 +730,11 @@ class AsyncMoEClient:
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
         token: str | None = None,
         tls: ClientTLS | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.timeout = timeout
-        self._core = _Core(address, shared_memory_bytes, token, tls)
+        tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
+        self._core = _Core(address, shared_memory_bytes, token, tls, tracing=tracing)
         self._channel = aio_channel(
             address, tls, message_options(max_message_bytes) + _OWN_CONNECTION
         )
@@ -693,13 +749,16 @@ class AsyncMoEClient:
         *,
         timeout: float | None = 30.0,
         start_timeout: float = 30.0,
+        tracer_provider: TracerProvider | None = None,
     ) -> AsyncMoEClient:
         """MoEClient.embedded for asyncio: `client = await AsyncMoEClient.embedded(cfg)`.
         The in-process master runs on a loop of its own thread; this loop only awaits it."""
         self = cls.__new__(cls)
         self.timeout = timeout
         # Loading the gates blocks: off this loop.
-        self._core = await asyncio.to_thread(_Core.start_embedded, config, start_timeout)
+        self._core = await asyncio.to_thread(
+            _Core.start_embedded, config, start_timeout, tracer_provider
+        )
         return self
 
     @property
@@ -744,6 +803,20 @@ class AsyncMoEClient:
         """Run MoE layer `layer` on x [..., H]: y of x's shape, dtype and device, and with
         `return_routing=True` the gate's RoutingInfo too."""
         timeout = timeout or self.timeout
+        if not self._core.tracing.on:
+            return await self._run(x, layer, return_routing, timeout, self._core.metadata)
+        with self._core.traced(x, layer) as md:
+            return await self._run(x, layer, return_routing, timeout, md)
+
+    async def _run(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        return_routing: bool,
+        timeout: float | None,
+        md: tuple[tuple[str, str], ...] | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, RoutingInfo]:
+        """One infer, its call sent with metadata `md`."""
         if self._core.embedded is not None:
             done = self._core.submit(x, layer, return_routing, timeout)
             try:
@@ -761,9 +834,7 @@ class AsyncMoEClient:
                 await self._attach(call.flat, timeout)
             while True:  # at most twice: shared memory, then bytes
                 try:
-                    reply = await self._infer(
-                        call.request(), timeout=timeout, metadata=self._core.metadata
-                    )
+                    reply = await self._infer(call.request(), timeout=timeout, metadata=md)
                 except grpc.RpcError as exc:
                     call.refused(exc)
                 else:

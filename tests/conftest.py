@@ -3,6 +3,8 @@
 - `in_process_factory`: master and workers served in this process on port 0 (most tests).
 - `cluster_factory`: master and workers as child processes, stopped by pid; every test that
   uses it is marked `e2e` here, so `-m "not e2e"` never starts a server process.
+- `two_hosts`: hosts A and B joined only by TCP (tests/support/netns.py; marked `e2e` too),
+  skipped where namespaces are refused.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from tests.support.cluster import (
     alive,
     world,
 )
+from tests.support.netns import HostsUnavailableError, TwoHosts
 
 __all__ = ["Cluster", "InProcessCluster", "ProcessCluster", "alive", "world"]
 
 # Fixtures that start server processes: a test using one is an `e2e` test.
-PROCESS_FIXTURES = frozenset({"cluster_factory"})
+PROCESS_FIXTURES = frozenset({"cluster_factory", "two_hosts"})
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -65,3 +68,16 @@ def in_process_factory() -> Iterator[Callable[..., InProcessCluster]]:
     yield make
     for c in started:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def two_hosts() -> Iterator[TwoHosts]:
+    """Hosts A and B for a test module (network, PID and mount namespaces joined by a 10
+    Gbit/s veth link); removed with every process in them at module end."""
+    hosts = TwoHosts()
+    try:
+        hosts.open()
+    except HostsUnavailableError as exc:
+        pytest.skip(f"two hosts cannot be made here: {exc}")
+    yield hosts
+    hosts.close()

@@ -162,3 +162,26 @@ def test_bench_writes_every_system_and_exactly_the_summary_keys(tmp_path: Path) 
     assert doc["concurrency_batches"]["2"]["master_batch_requests"] >= 1
     # T=1 tokens may all land on one worker in so short a sweep: either one counts.
     assert any(k.startswith("worker_batch_tokens[") for k in doc["concurrency_batches"]["2"])
+
+
+def test_goals_reads_every_key_from_the_runs_it_finds(tmp_path: Path) -> None:
+    """benchmarks/goals.py with every step skipped summarises the JSON already in --out:
+    here the committed one-H200 decode results (e2e decode and bytes path)."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks/results/2026-12-02-decode"
+    (tmp_path / "e2e.json").write_text((results / "e2e-decode.json").read_text())
+    (tmp_path / "bytes.json").write_text((results / "bytes.json").read_text())
+    skip = ["--skip", "bench", "e2e", "bytes", "fp8"]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/goals.py", "--out", str(tmp_path), *skip],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=results.parent.parent.parent,
+    )
+    goals = json.loads((tmp_path / "summary.json").read_text())["goals"]
+    assert run.returncode == 1, run.stdout + run.stderr  # bench and fp8 have no JSON: not all met
+    assert goals["e2e_decode_ratio_b1"]["value"] == pytest.approx(0.1526, abs=1e-4)
+    assert goals["e2e_decode_ratio_b1"]["met"] is False
+    assert goals["e2e_decode_ratio_b32"]["value"] == pytest.approx(1.1157, abs=1e-4)
+    assert goals["bytes_path_vs_raw_tcp"]["value"] == pytest.approx(0.1915, abs=1e-4)
+    assert goals["t1_p50_ms"]["value"] is None and goals["t1_p50_ms"]["met"] is None

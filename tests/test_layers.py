@@ -24,7 +24,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "layer": (("moe_serve.layer",), ("base", "weights", "layer")),
     "transport": (("moe_serve.transport",), ("base", "v1", "transport")),
     "runtime": (
-        ("moe_serve.metrics", "moe_serve.batching"),
+        ("moe_serve.metrics", "moe_serve.batching", "moe_serve.tracing"),
         ("base", "runtime"),
     ),
     "master": (

@@ -523,3 +523,15 @@ def test_reply_with_nested_routing_larger_than_the_slack_parses() -> None:
     parsed = parse(pb.InferResponse, data, trusted=True)
     assert tensor_from_pb(parsed.routing.scores, "scores").shape == (t, e)
     assert torch.equal(tensor_from_pb(parsed.output, "output"), torch.ones(t, 8))
+
+
+def test_fp8_rows_and_their_scales_parse_as_views_of_the_message() -> None:
+    q = torch.randn(4, 256).to(torch.float8_e4m3fn)
+    scale = torch.rand(4, 2) + 0.5
+    data = serialize(pb.ForwardRequest(layer=0), {"hidden": q, "hidden_scale": scale})
+    parsed = parse(pb.ForwardRequest, data)
+    hidden = tensor_from_pb(parsed.hidden, "hidden", rank=2)
+    got_scale = tensor_from_pb(parsed.hidden_scale, "hidden_scale", rank=2)
+    assert torch.equal(hidden.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(got_scale, scale)
+    assert all(t.data.obj is data for t in (parsed.hidden, parsed.hidden_scale))

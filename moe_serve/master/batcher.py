@@ -26,6 +26,7 @@ from moe_serve.config import MasterConfig
 from moe_serve.errors import MoEError
 from moe_serve.layer.gating import Routing
 from moe_serve.metrics import MasterMetrics
+from moe_serve.tracing import MASTER_PASS, NO_TRACING, Tracing
 
 # What one call of a pass gets: its (output, routing), or the error of that call alone.
 Outcome = tuple[torch.Tensor, Routing] | MoEError
@@ -47,7 +48,13 @@ class _Call:
 class InferBatcher:
     """Queues Infer calls and runs them in merged passes of `run_pass`."""
 
-    def __init__(self, run_pass: Pass, cfg: MasterConfig, metrics: MasterMetrics) -> None:
+    def __init__(
+        self,
+        run_pass: Pass,
+        cfg: MasterConfig,
+        metrics: MasterMetrics,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self.run_pass, self.cfg, self.metrics = run_pass, cfg, metrics
         self.budget = TokenBudget(cfg.max_pending_tokens, "master.max_pending_tokens", "master")
         self._batcher = Batcher[_Call, tuple[torch.Tensor, Routing]](
@@ -56,6 +63,8 @@ class InferBatcher:
             cfg.batch_delay_us / 1e6,
             cfg.max_batch_tokens,
             max_in_flight=MAX_BATCHES_IN_FLIGHT,
+            tracing=tracing,
+            pass_name=MASTER_PASS,
         )
 
     def start(self) -> None:

@@ -27,7 +27,7 @@ import threading
 import weakref
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -38,8 +38,12 @@ from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.engine import MasterEngine
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import MasterMetrics
+from moe_serve.tracing import TracerProvider, Tracing, from_config, from_provider
 from moe_serve.transport.auth import load_worker_token
 from moe_serve.v1 import moe_pb2 as pb
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,8 @@ class _Runtime:
     """The loop, its thread and what runs on it; holds no reference to the EmbeddedMaster,
     so that the master can be garbage-collected (its finalizer closes this)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracing: Tracing) -> None:
+        self.tracing = tracing
         self.loop = _new_loop()
         self.thread = threading.Thread(
             target=self._run, name="moe_serve embedded master", daemon=True
@@ -109,6 +114,7 @@ class _Runtime:
             self.thread.join(CLOSE_TIMEOUT_S)
             if not self.thread.is_alive() and not self.loop.is_closed():
                 self.loop.close()
+            self.tracing.shutdown()  # flush the spans of a provider made from the config
 
 
 class EmbeddedMaster:
@@ -122,17 +128,31 @@ class EmbeddedMaster:
     The worker token (`security.worker_token_env`/`worker_token_file`) and `security.tls`
     are used as the master uses them; the client token is not needed.
 
+    Spans (moe_serve.tracing): through `tracer_provider` when given, else as the config's
+    `tracing` section says (service.name `moe-serve-client`).
+
     Returns once every expert has a replica on a worker that answers its health check:
     WorkerUnavailableError (UNAVAILABLE) naming the experts and workers down if that takes
-    longer than `ready_timeout_s`; ConfigError for a bad config, token source or TLS file.
+    longer than `ready_timeout_s`; ConfigError for a bad config, token source or TLS file,
+    or tracing on without OpenTelemetry installed.
     """
 
-    def __init__(self, config: WorldConfig | str | Path, ready_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: WorldConfig | str | Path,
+        ready_timeout_s: float = 30.0,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         cfg = config if isinstance(config, WorldConfig) else load_config(config)
         check_devices_exist((cfg.master.device,), "master.device")
         worker_token = load_worker_token(cfg.security)  # an unset variable: ConfigError now
         self.cfg = cfg
-        runtime = self._runtime = _Runtime()
+        self.tracing = (
+            from_config(cfg.tracing, "moe-serve-client")
+            if tracer_provider is None
+            else from_provider(tracer_provider)
+        )
+        runtime = self._runtime = _Runtime(self.tracing)
         # Closes the loop when this object is collected or at the interpreter's exit.
         self._finalizer = weakref.finalize(self, runtime.close)
         try:
@@ -161,11 +181,16 @@ class EmbeddedMaster:
         by master.worker_timeout_s)."""
         if self._runtime.closed:
             raise DrainingError("the embedded master is closed")
-        self.engine.check_layer(layer)
-        x = self.engine.check_hidden(x)
-        return asyncio.run_coroutine_threadsafe(
-            _infer(self._runtime, layer, x, return_routing, timeout), self._runtime.loop
-        )
+        with self.tracing.span("decode"):
+            self.engine.check_layer(layer)
+            x = self.engine.check_hidden(x)
+        if self.tracing.on:
+            # The caller's span (the client's infer) goes along to the loop's thread: the
+            # call's queue span and its pass hang under it there.
+            call = _traced(self._runtime, layer, x, return_routing, timeout, self.tracing.capture())
+        else:
+            call = _infer(self._runtime, layer, x, return_routing, timeout)
+        return asyncio.run_coroutine_threadsafe(call, self._runtime.loop)
 
     async def submit_async(
         self,
@@ -202,9 +227,10 @@ async def _start(
 ) -> MasterEngine:
     """On the loop: the pool, the engine, the batcher and the watch; wait until ready."""
     metrics = MasterMetrics()  # its own registry; not exported (nothing listens here)
-    pool = runtime.pool = WorkerPool(cfg, metrics, worker_token)
-    engine = MasterEngine(cfg, pool, metrics)
-    runtime.batcher = InferBatcher(engine.forward, cfg.master, metrics)
+    tracing = runtime.tracing
+    pool = runtime.pool = WorkerPool(cfg, metrics, worker_token, tracing)
+    engine = MasterEngine(cfg, pool, metrics, tracing=tracing)
+    runtime.batcher = InferBatcher(engine.forward, cfg.master, metrics, tracing)
     runtime.batcher.start()
     ready = asyncio.Event()
 
@@ -248,6 +274,19 @@ def _not_ready(engine: MasterEngine, pool: WorkerPool, waited_s: float) -> Worke
         f"no live replica for {where} after {waited_s:g} s: worker(s) {names} unavailable"
         + (f" ({'; '.join(causes)})" if causes else "")
     )
+
+
+async def _traced(
+    runtime: _Runtime,
+    layer: int,
+    x: torch.Tensor,
+    losses: bool,
+    timeout: float | None,
+    parent: Context | None,
+) -> tuple[torch.Tensor, Routing]:
+    """`_infer` with the caller's trace context `parent` current."""
+    with runtime.tracing.attached(parent):
+        return await _infer(runtime, layer, x, losses, timeout)
 
 
 async def _infer(

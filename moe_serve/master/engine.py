@@ -37,6 +37,7 @@ from moe_serve.layer.gating import Gate, Routing, merge_routings, routing_to, sp
 from moe_serve.layer.placement import Owners, Placement, plan_owners
 from moe_serve.master.batcher import Outcome
 from moe_serve.metrics import MasterMetrics
+from moe_serve.tracing import NO_TRACING, Tracing
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.weights import WeightSource, open_weights
 
@@ -99,10 +100,13 @@ class MasterEngine:
         pool: ExpertPool,
         metrics: MasterMetrics,
         source: WeightSource | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """`source`: the model's weights, when the caller has them open already (default:
-        opened from cfg.model)."""
+        opened from cfg.model). `tracing`: spans of `forward`'s steps (gate, dispatch,
+        fan_out, combine), children of the batch's pass span."""
         self.cfg, self.pool, self.metrics = cfg, pool, metrics
+        self.tracing = tracing
         self.device = torch.device(cfg.master.device)
         self.dtype = DTYPE_NAMES[cfg.model.dtype]
         m = cfg.model
@@ -233,18 +237,21 @@ class MasterEngine:
         wanted = [False] * len(xs) if losses is None else losses
         outcomes: list[Outcome | None] = [None] * len(xs)
         # 1. Gate: [T, H] -> routing [T, K]; a call with a row the gate overflows leaves.
-        b = self._gate(layer, xs, wanted, outcomes)
+        with self.tracing.span("gate"):
+            b = self._gate(layer, xs, wanted, outcomes)
         if b is None:
             return _answered(outcomes)
         work, W = b.work, len(self.placement.worker_ids)
         try:
             # 2. Dispatch: the P kept pairs -> one slice per worker hit ([N_w] rows, [P_w]
             # pairs), replicated experts' tokens divided among live replicas.
-            slices = dispatch(b.routing, self.owners(layer, work.device), W)
+            with self.tracing.span("dispatch"):
+                slices = dispatch(b.routing, self.owners(layer, work.device), W)
             # 3. Fan out: one call per slice, all in flight; meanwhile the shared experts
             # [T, H] run here.
             deadline = asyncio.get_running_loop().time() + timeout_s
-            results, shared = await self._fan_out(layer, b, slices, timeout_s)
+            with self.tracing.span("fan_out"):
+                results, shared = await self._fan_out(layer, b, slices, timeout_s)
             # 4. Fail over: the slices of unavailable workers, resent to live replicas ->
             # partial sums [N_w, H] covering every dispatched pair once.
             slices, partials = await self._fail_over(layer, work, slices, results, deadline)
@@ -255,7 +262,8 @@ class MasterEngine:
                 outcomes[i] = exc
             return _answered(outcomes)
         # 5. Combine: partial sums + shared -> [T, H] model dtype -> each call's [T_i, H].
-        outs, firsts = self._combine(b, slices, partials, shared)
+        with self.tracing.span("combine"):
+            outs, firsts = self._combine(b, slices, partials, shared)
         self._observe(layer, b.counts)
         for i, out, r, row in zip(b.live, outs, b.routings, firsts, strict=True):
             if row >= 0:

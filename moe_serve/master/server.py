@@ -20,6 +20,8 @@ from moe_serve.config import WorldConfig, check_devices_exist, parse_address
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import Exporter, MasterMetrics, start_exporter
+from moe_serve.tracing import TracerProvider, Tracing, from_config, from_provider
+from moe_serve.tracing import check as check_tracing
 from moe_serve.transport.auth import load_tokens
 from moe_serve.transport.server import (
     Served,
@@ -100,7 +102,8 @@ class MasterServer:
 async def _release(
     pool: WorkerPool, service: MasterService | None, exporter: Exporter | None
 ) -> None:
-    """Stop the batcher, close the worker channels and the shared region, stop the exporter."""
+    """Stop the batcher, close the worker channels and the shared region, stop the exporter,
+    flush the spans."""
     try:
         if service is not None:
             await service.batcher.stop()
@@ -108,27 +111,43 @@ async def _release(
         await pool.close()  # closes the shared region too
         if exporter is not None:
             exporter.stop()
+        pool.tracing.shutdown()  # the provider of the config's tracing section, if any
 
 
 async def create_master(
-    cfg: WorldConfig, port: int | None = None, metrics_port: int | None = None
+    cfg: WorldConfig,
+    port: int | None = None,
+    metrics_port: int | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> MasterServer:
     """Load the gates, start serving MoEMaster on the running loop, return its handle.
 
     `port`: the gRPC port to bind on the host of `master.listen`; None: the port of
     `master.listen`; 0: any free port (`MasterServer.port` says which). `metrics_port`
     likewise replaces `master.metrics_port` (None keeps it; 0: any free port).
+    `tracer_provider`: an OpenTelemetry TracerProvider to record the master's spans in,
+    tracing on whatever the config's `tracing` section says (None: as that section says).
     A ConfigError (an address that cannot be bound, a bad token source) leaves nothing
     behind: no region, no channel, no exporter.
     """
     token, worker_token = load_tokens(cfg.security)
+    tracing: Tracing = (
+        from_config(cfg.tracing, "moe-serve-master")
+        if tracer_provider is None
+        else from_provider(tracer_provider)
+    )
     metrics = MasterMetrics()
-    pool = WorkerPool(cfg, metrics, worker_token)  # workers check the worker token, not ours
+    try:
+        # Workers check the worker token, not ours.
+        pool = WorkerPool(cfg, metrics, worker_token, tracing)
+    except BaseException:
+        tracing.shutdown()
+        raise
     service: MasterService | None = None
     served: Served | None = None
     exporter: Exporter | None = None
     try:
-        service = MasterService(cfg, pool, metrics)
+        service = MasterService(cfg, pool, metrics, tracing)
         keep_large_allocations()  # after loading: its temporaries go back to the OS
         service.batcher.start()
         listen = cfg.master.listen
@@ -201,4 +220,5 @@ def main(cfg: WorldConfig) -> None:
     check_devices_exist((cfg.master.device,), "master.device")
     load_tokens(cfg.security)  # an unset token variable is a ConfigError before anything starts
     check_tls(cfg.security.tls)  # so is an unreadable or mismatched certificate file
+    check_tracing(cfg.tracing)  # and tracing on without OpenTelemetry installed
     run(serve(cfg))

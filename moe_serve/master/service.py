@@ -24,6 +24,7 @@ from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.engine import MasterEngine
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import Children, MasterMetrics
+from moe_serve.tracing import INFER, NO_TRACING, Tracing
 from moe_serve.transport.server import error_boundary
 from moe_serve.transport.shm import RegionTable, SharedMemoryError
 from moe_serve.transport.wire import serialize, tensor_from_pb, tensor_to_pb
@@ -36,17 +37,26 @@ log = logging.getLogger(__name__)
 class MasterService(pb_grpc.MoEMasterServicer):
     """Serves Infer, GetInfo and AttachRegion: each Infer is decoded and checked here, computed
     by `engine` (every MoE layer's gate and shared experts on `master.device`, the routed
-    experts on the workers of `pool`) in a batch with the calls queued meanwhile, and encoded."""
+    experts on the workers of `pool`) in a batch with the calls queued meanwhile, and encoded.
+    With `tracing` on, each Infer is a SERVER span (the client's traceparent its parent) with
+    decode, queue and encode spans, and its batch a pass span (moe_serve.tracing)."""
 
-    def __init__(self, cfg: WorldConfig, pool: WorkerPool, metrics: MasterMetrics) -> None:
+    def __init__(
+        self,
+        cfg: WorldConfig,
+        pool: WorkerPool,
+        metrics: MasterMetrics,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self.cfg, self.pool, self.metrics = cfg, pool, metrics
+        self.tracing = tracing
         self.device = torch.device(cfg.master.device)
         self.dtype = DTYPE_NAMES[cfg.model.dtype]
-        self.engine = MasterEngine(cfg, pool, metrics)
+        self.engine = MasterEngine(cfg, pool, metrics, tracing=tracing)
         self.placement = self.engine.placement
         # Regions of clients on this host, each bound to the connection that attached it.
         self.client_regions = RegionTable()
-        self.batcher = InferBatcher(self.engine.forward, cfg.master, metrics)
+        self.batcher = InferBatcher(self.engine.forward, cfg.master, metrics, tracing)
         # Per-call metrics through cached children (metrics.Children): label values are the
         # served layers (or "invalid"), status codes and the two transports.
         self._requests = Children(metrics.requests)
@@ -59,7 +69,10 @@ class MasterService(pb_grpc.MoEMasterServicer):
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
         start, code = time.perf_counter(), "INTERNAL"
         try:
-            reply = await self._infer(request, context.time_remaining(), context.peer())
+            if self.tracing.on:
+                reply = await self._traced(request, context)
+            else:
+                reply = await self._infer(request, context.time_remaining(), context.peer())
             code = "OK"
             return reply
         except MoEError as exc:
@@ -81,17 +94,39 @@ class MasterService(pb_grpc.MoEMasterServicer):
             self._requests(layer, code).inc()
             self._request_seconds(layer).observe(time.perf_counter() - start)
 
+    async def _traced(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:
+        """`_infer` inside the call's SERVER span, whose parent is the client's traceparent."""
+        metadata = context.invocation_metadata()
+        with self.tracing.server(INFER, metadata, {"moe_serve.layer": request.layer}):
+            return await self._infer(request, context.time_remaining(), context.peer())
+
     async def _infer(self, request: pb.InferRequest, remaining_s: float | None, peer: str) -> bytes:
         """`peer`: the calling connection; its SharedTensors resolve only among the regions
         that connection attached."""
-        layer, x = request.layer, self._decode(request, peer)  # [T, H] model dtype, master dev.
-        target = self._output_view(request, x.shape, peer)
+        with self.tracing.span("decode"):
+            layer, x = request.layer, self._decode(request, peer)  # [T, H] model dtype
+            target = self._output_view(request, x.shape, peer)
+        if self.tracing.on:
+            self.tracing.set("moe_serve.tokens", x.shape[0])
         # No client deadline: no overall bound; each worker call is still bounded by
         # master.worker_timeout_s (WorkerPool).
         timeout = math.inf if remaining_s is None else remaining_s
         out, r = await self.batcher.submit(layer, x, request.return_routing, timeout)
-        self._tokens(self._layer_label[layer]).inc(x.shape[0])
-        self.metrics.request_tokens.observe(x.shape[0])
+        with self.tracing.span("encode"):
+            return self._encode(request, out, r, target, x.shape[0])
+
+    def _encode(
+        self,
+        request: pb.InferRequest,
+        out: torch.Tensor,
+        r: Routing,
+        target: torch.Tensor | None,
+        tokens: int,
+    ) -> bytes:
+        """The reply: the output as bytes, or written into the client's shared block."""
+        layer = request.layer
+        self._tokens(self._layer_label[layer]).inc(tokens)
+        self.metrics.request_tokens.observe(tokens)
         reply = pb.InferResponse()
         if request.return_routing:
             reply.routing.CopyFrom(_routing_pb(r))

@@ -38,6 +38,8 @@ from moe_serve.errors import (
 )
 from moe_serve.layer.dispatch import WorkerSlice
 from moe_serve.metrics import MasterMetrics
+from moe_serve.tracing import FORWARD, NO_TRACING, Tracing
+from moe_serve.transport import fp8
 from moe_serve.transport.auth import metadata
 from moe_serve.transport.calls import message_options, unary_call
 from moe_serve.transport.shm import MIN_SHARED_BYTES, SharedMemoryError, SharedRegion
@@ -63,9 +65,17 @@ _CHANNEL_OPTIONS = [
 class WorkerPool:
     """Channels to every worker of the config, created once, and their last known health."""
 
-    def __init__(self, cfg: WorldConfig, metrics: MasterMetrics, token: str | None = None) -> None:
+    def __init__(
+        self,
+        cfg: WorldConfig,
+        metrics: MasterMetrics,
+        token: str | None = None,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
+        """`tracing`: a CLIENT span per Forward call, whose traceparent the worker gets."""
         self.workers = cfg.workers
         self.metrics = metrics
+        self.tracing = tracing
         options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
         self._tls = ClientTLS.from_config(cfg.security.tls)
         n = cfg.master.worker_channels
@@ -88,6 +98,8 @@ class WorkerPool:
         # Rows per bytes call: whole rows of at most worker_chunk_bytes, and no more than a
         # worker batches at once (batching.max_batch_tokens). 0: one call per slice.
         self._chunk_bytes = cfg.master.worker_chunk_bytes
+        # FP8 dispatch (moe_serve.transport.fp8): rows and partial sums travel as FP8.
+        self._fp8 = cfg.master.wire_dtype == "float8_e4m3fn"
         self._max_chunk_rows = cfg.batching.max_batch_tokens
         self.healthy = [False] * len(cfg.workers)
         self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
@@ -206,16 +218,29 @@ class WorkerPool:
             hidden = x  # distinct ascending rows of x, all of them: x itself, no gather
         if hidden is None:
             hidden = x[sl.token_index.to(x.device)]
-        pairs["hidden"] = hidden
+        if self._fp8:  # quantized where the rows are: half the bytes of any copy after
+            pairs.update(fp8.encode(hidden, "hidden"))
+        else:
+            pairs["hidden"] = hidden
         request = serialize(pb.ForwardRequest(layer=layer), pairs)
         reply = await self._call(sl, layer, request, timeout_s, "bytes")
         w = self.workers[sl.worker]
-        out = tensor_from_pb(reply.output, f"workers[{w.id}].output", dtypes=frozenset({x.dtype}))
+        out = self._output(reply, x, w.id)
         if tuple(out.shape) != (rows, x.shape[1]):
             raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
         if into is None:
             return out
         return into.copy_(out)
+
+    def _output(self, reply: Any, x: torch.Tensor, worker_id: str) -> torch.Tensor:
+        """A Forward reply's partial sums in x's dtype: a view of the reply's bytes, or with
+        FP8 dispatch its FP8 rows widened on x's device."""
+        field = f"workers[{worker_id}].output"
+        if not self._fp8:
+            return tensor_from_pb(reply.output, field, dtypes=frozenset({x.dtype}))
+        q = tensor_from_pb(reply.output, field, dtypes=_FP8, rank=2)
+        scale = tensor_from_pb(reply.output_scale, f"{field}_scale", dtypes=_FLOAT32, rank=2)
+        return fp8.decode_reply(q, scale, x.dtype, x.device, repr(worker_id))
 
     async def _forward_shared(
         self, region: SharedRegion, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
@@ -231,9 +256,12 @@ class WorkerPool:
         hidden, output = blocks
         clean = False
         try:
-            torch.index_select(
-                x, 0, sl.token_index.to(x.device), out=region.view(hidden, x.dtype, shape)
-            )
+            rows = region.view(hidden, x.dtype, shape)
+            torch.index_select(x, 0, sl.token_index.to(x.device), out=rows)
+            if self._fp8:
+                # The bytes path's rounding, applied here too: a token's output must not
+                # depend on the transport (Results contract).
+                rows.copy_(fp8.round_trip(rows))
             if x.device.type == "cuda":
                 # Another process reads these bytes as soon as it has the request.
                 torch.cuda.current_stream(x.device).synchronize()
@@ -249,8 +277,10 @@ class WorkerPool:
                 asyncio.get_running_loop().create_task(self._attach(sl.worker))
                 clean = True  # the worker refused before touching the blocks
                 return None
-            # The worker synchronised its writes before replying; copy out before reuse.
-            out = region.view(output, x.dtype, shape).clone()
+            # The worker synchronised its writes before replying; copy out before reuse
+            # (round_trip's result is a copy).
+            written = region.view(output, x.dtype, shape)
+            out = fp8.round_trip(written) if self._fp8 else written.clone()
             clean = True
             return out
         finally:
@@ -273,13 +303,39 @@ class WorkerPool:
             self._turn[sl.worker] = (turn + 1) % len(calls)
             call = calls[turn]
         try:
-            reply = await call(request, timeout=bound, metadata=self._metadata)
+            if self.tracing.on:
+                reply = await self._traced(call, request, bound, sl, layer, transport)
+            else:
+                reply = await call(request, timeout=bound, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise self._call_error(sl, layer, exc, own_bound=bound < timeout_s) from None
         finally:
             self.metrics.worker_rpc_seconds.labels(w.id).observe(time.perf_counter() - start)
         self._set_health(sl.worker, True)
         return reply
+
+    async def _traced(
+        self,
+        call: Callable[..., Awaitable[Any]],
+        request: bytes,
+        timeout_s: float,
+        sl: WorkerSlice,
+        layer: int,
+        transport: str,
+    ) -> Any:
+        """`call` inside its CLIENT span, the span's traceparent in its metadata."""
+        w = self.workers[sl.worker]
+        attributes = {
+            "server.address": w.address,
+            "moe_serve.worker.id": w.id,
+            "moe_serve.layer": layer,
+            "moe_serve.tokens": sl.token_index.shape[0],
+            "moe_serve.pairs": sl.pair_expert.shape[0],
+            "moe_serve.transport": transport,
+            "moe_serve.request_bytes": len(request),
+        }
+        with self.tracing.client(FORWARD, self._metadata, attributes) as metadata:
+            return await call(request, timeout=timeout_s, metadata=metadata)
 
     async def _attach(self, index: int) -> None:
         """Offer the shared region to worker `index`; it maps it if it is on this host."""
@@ -439,6 +495,10 @@ class WorkerPool:
         await asyncio.gather(*(c.close() for chs in self._channels for c in chs))
         if self.region is not None:
             self.region.close()
+
+
+_FP8 = frozenset({fp8.FP8})
+_FLOAT32 = frozenset({torch.float32})
 
 
 class RegionLostError(MoEError):

@@ -157,8 +157,8 @@ class GroupedMoE:
         everything = WorkerConfig(
             id="all",
             address="127.0.0.1:1",
-            devices=[cfg.master.device],
-            experts=list(range(m.num_experts)),
+            devices=(cfg.master.device,),
+            experts=tuple(range(m.num_experts)),
         )
         self.experts = WorkerEngine(m, everything, source)
 

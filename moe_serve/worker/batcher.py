@@ -21,6 +21,7 @@ import torch
 from moe_serve.batching import Batcher, TokenBudget
 from moe_serve.config import BatchingConfig
 from moe_serve.metrics import Children, WorkerMetrics
+from moe_serve.tracing import NO_TRACING, WORKER_PASS, Tracing
 from moe_serve.worker.engine import WorkerEngine
 
 MEMORY_GAUGE_INTERVAL_S = 1.0
@@ -44,8 +45,14 @@ class _Call:
 class DynamicBatcher:
     """Merges concurrent calls into batched `WorkerEngine.forward` passes."""
 
-    def __init__(self, engine: WorkerEngine, cfg: BatchingConfig, metrics: WorkerMetrics) -> None:
-        self.engine, self.cfg, self.metrics = engine, cfg, metrics
+    def __init__(
+        self,
+        engine: WorkerEngine,
+        cfg: BatchingConfig,
+        metrics: WorkerMetrics,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
+        self.engine, self.cfg, self.metrics, self.tracing = engine, cfg, metrics, tracing
         self._memory_read = 0.0  # monotonic time the memory gauge was last set
         self._expert_tokens = Children(metrics.expert_tokens)  # per (layer, expert)
         # A call holds max(tokens, pairs): its [P, H] gathers, not its [N, H] rows, are what
@@ -60,6 +67,8 @@ class DynamicBatcher:
             cfg.max_delay_us / 1e6,
             cfg.max_batch_tokens,
             on_queue=metrics.queue_depth.set,
+            tracing=tracing,
+            pass_name=WORKER_PASS,
         )
 
     def start(self) -> None:
@@ -111,9 +120,10 @@ class DynamicBatcher:
         start = time.perf_counter()
         # Outputs stay on the engine's device: the reply's encoder stages them through pinned
         # memory, and a shared-memory target on a GPU takes them device to device.
-        out = self.engine.forward(
-            layer, hidden, token, expert, weight, out_device=self.engine.devices[0]
-        )
+        with self.tracing.span("expert_forward"):
+            out = self.engine.forward(
+                layer, hidden, token, expert, weight, out_device=self.engine.devices[0]
+            )
         self._observe(layer, expert, sum(sizes), len(calls), time.perf_counter() - start)
         return [out] if len(calls) == 1 else list(out.split(sizes))
 

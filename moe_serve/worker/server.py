@@ -14,6 +14,8 @@ from types import TracebackType
 
 from moe_serve.config import WorkerConfig, WorldConfig, check_devices_exist, parse_address
 from moe_serve.metrics import Exporter, WorkerMetrics, start_exporter
+from moe_serve.tracing import TracerProvider, Tracing, from_config, from_provider
+from moe_serve.tracing import check as check_tracing
 from moe_serve.transport.auth import load_worker_token
 from moe_serve.transport.server import (
     Served,
@@ -87,6 +89,7 @@ class WorkerServer:
             await self.batcher.stop()
             if self.exporter is not None:
                 self.exporter.stop()
+            self.batcher.tracing.shutdown()  # flush the spans
 
     async def __aenter__(self) -> WorkerServer:
         return self
@@ -106,6 +109,7 @@ async def create_worker(
     port: int | None = None,
     metrics_port: int | None = None,
     service: ServiceFactory = WorkerService,
+    tracer_provider: TracerProvider | None = None,
 ) -> WorkerServer:
     """Load and pin worker `worker_id`'s experts, start serving ExpertWorker on the running
     loop, return its handle.
@@ -113,6 +117,8 @@ async def create_worker(
     `port`: the gRPC port to bind on the host it listens on; None: the configured port;
     0: any free port (`WorkerServer.port` says which). `metrics_port` likewise replaces the
     worker's `metrics_port` (None keeps it; 0: any free port). `service` builds the servicer.
+    `tracer_provider`: an OpenTelemetry TracerProvider to record the worker's spans in,
+    tracing on whatever the config's `tracing` section says (None: as that section says).
     """
     worker = cfg.worker(worker_id)
     token = load_worker_token(cfg.security)  # never the client token
@@ -121,7 +127,12 @@ async def create_worker(
     metrics = WorkerMetrics()
     for device, nbytes in engine.memory_bytes().items():
         metrics.gpu_memory_bytes.labels(device).set(nbytes)
-    batcher = DynamicBatcher(engine, cfg.batching, metrics)
+    tracing: Tracing = (
+        from_config(cfg.tracing, "moe-serve-worker", worker.id)
+        if tracer_provider is None
+        else from_provider(tracer_provider)
+    )
+    batcher = DynamicBatcher(engine, cfg.batching, metrics, tracing)
     batcher.start()
     field_ = f"workers[{cfg.workers.index(worker)}]"
     listen = worker.listen_address
@@ -151,6 +162,7 @@ async def create_worker(
         if served is not None:
             await served.server.stop(0)
         await batcher.stop()
+        tracing.shutdown()
         raise
     return WorkerServer(cfg, worker, servicer, batcher, metrics, served, exporter)
 
@@ -177,4 +189,5 @@ def main(cfg: WorldConfig, worker_id: str) -> None:
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
     load_worker_token(cfg.security)  # an unset token variable too
     check_tls(cfg.security.tls)  # and an unreadable or mismatched certificate file
+    check_tracing(cfg.tracing)  # and tracing on without OpenTelemetry installed
     run(serve(cfg, worker_id))

@@ -9,6 +9,8 @@ import torch
 
 from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.metrics import Children
+from moe_serve.tracing import FORWARD
+from moe_serve.transport import fp8
 from moe_serve.transport.server import error_boundary
 from moe_serve.transport.shm import RegionTable, SharedMemoryError
 from moe_serve.transport.wire import dtype_name, serialize, tensor_from_pb
@@ -24,11 +26,14 @@ _FLOAT32 = frozenset({torch.float32})
 
 
 class WorkerService(pb_grpc.ExpertWorkerServicer):
-    """Serves Forward through the dynamic batcher, AttachRegion and GetInfo."""
+    """Serves Forward through the dynamic batcher, AttachRegion and GetInfo. With the
+    batcher's tracing on, each Forward is a SERVER span (the master's call its parent) with
+    decode, queue and encode spans."""
 
     def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
         self.engine, self.batcher = engine, batcher
         self.metrics = batcher.metrics
+        self.tracing = batcher.tracing
         self._requests = Children(self.metrics.forward_requests)  # one child per status code
         # Masters' regions, each bound to the connection that attached it: another caller's
         # AttachRegion makes its own binding and never replaces a master's.
@@ -38,22 +43,46 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     async def Forward(
         self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> bytes | pb.ForwardResponse:
+        if not self.tracing.on:
+            return await self._forward(request, context)
+        metadata = context.invocation_metadata()
+        with self.tracing.server(FORWARD, metadata, {"moe_serve.layer": request.layer}):
+            return await self._forward(request, context)
+
+    async def _forward(
+        self, request: pb.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> bytes | pb.ForwardResponse:
         try:
-            peer = context.peer()
-            inputs = self._decode(request, peer)
-            target = self._output_view(request, peer)
-            if target is not None and target.shape != inputs[0].shape:
-                raise InvalidRequestError(
-                    "output_shared.shape",
-                    f"{list(target.shape)}; expected {list(inputs[0].shape)} (as hidden)",
-                )
+            with self.tracing.span("decode"):
+                peer = context.peer()
+                inputs = self._decode(request, peer)
+                target = self._output_view(request, peer)
+                if target is not None and target.shape != inputs[0].shape:
+                    raise InvalidRequestError(
+                        "output_shared.shape",
+                        f"{list(target.shape)}; expected {list(inputs[0].shape)} (as hidden)",
+                    )
+            if self.tracing.on:
+                self.tracing.set("moe_serve.tokens", inputs[0].shape[0])
+                self.tracing.set("moe_serve.pairs", inputs[1].shape[0])
+                self.tracing.set("moe_serve.transport", "bytes" if target is None else "shared")
             out = await self.batcher.submit(request.layer, *inputs)
         except MoEError as exc:
             self._requests(exc.code.name).inc()
             raise
         self._requests("OK").inc()
+        with self.tracing.span("encode"):
+            return self._encode(request, out, target)
+
+    def _encode(
+        self, request: pb.ForwardRequest, out: torch.Tensor, target: torch.Tensor | None
+    ) -> bytes | pb.ForwardResponse:
+        """The reply: the partial sums as bytes, or written into the master's shared block."""
         if target is None:
-            return serialize(pb.ForwardResponse(), {"output": out})
+            # The reply comes in the format the request came in (FP8 dispatch).
+            fp8_reply = request.hidden.dtype == pb.DTYPE_FLOAT8_E4M3
+            tensors = fp8.encode(out, "output") if fp8_reply else {"output": out}
+            return serialize(pb.ForwardResponse(), tensors)
         target.copy_(out)
         if target.is_cuda:
             # The master reads these bytes as soon as it has the reply, from another process.
@@ -92,7 +121,17 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
                 peer, request.hidden_shared, "hidden_shared", frozenset({e.dtype}), 2
             )
         else:
-            hidden = tensor_from_pb(request.hidden, "hidden", dtypes=frozenset({e.dtype}), rank=2)
+            dtypes = frozenset({e.dtype, fp8.FP8})  # FP8 dispatch: FP8 rows plus their scales
+            hidden = tensor_from_pb(request.hidden, "hidden", dtypes=dtypes, rank=2)
+        quantized = hidden.dtype == fp8.FP8
+        if not quantized and _present(request.hidden_scale):
+            raise InvalidRequestError(
+                "hidden_scale", "set without an FP8 hidden; expected only with DTYPE_FLOAT8_E4M3"
+            )
+        if quantized and request.HasField("output_shared"):
+            raise InvalidRequestError(
+                "output_shared", "set with an FP8 hidden; expected an FP8 request to get bytes"
+            )
         if hidden.shape[1] != e.model.hidden_size:
             raise InvalidRequestError(
                 "hidden.shape[1]", f"{hidden.shape[1]} != hidden_size={e.model.hidden_size}"
@@ -101,6 +140,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         expert = tensor_from_pb(request.pair_expert, "pair_expert", dtypes=_INT32, rank=1)
         weight = tensor_from_pb(request.pair_weight, "pair_weight", dtypes=_FLOAT32, rank=1)
         e.validate(request.layer, hidden.shape[0], token, expert, weight)
+        if quantized:  # checked and widened alone, before it can join a batch
+            scale = tensor_from_pb(request.hidden_scale, "hidden_scale", dtypes=_FLOAT32, rank=2)
+            hidden = fp8.decode_request(hidden, scale, e.dtype, e.devices[0], "hidden")
         return hidden, token, expert, weight
 
     @error_boundary
@@ -115,3 +157,8 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
             hidden_size=e.model.hidden_size,
             dtype=dtype_name(e.dtype),
         )
+
+
+def _present(t: pb.Tensor) -> bool:
+    """Whether a request set this Tensor field (a parsed one, or protobuf's empty default)."""
+    return bool(t.dtype or len(t.shape) or len(t.data))

@@ -130,10 +130,12 @@ async def serve_world(
     config: dict[str, Any],
     service: ServiceFactory = WorkerService,
     ready_timeout_s: float = START_TIMEOUT_S,
+    tracer_provider: Any = None,
 ) -> AsyncIterator[World]:
     """Start every worker of `config` (servicers built by `service`), then the master, on
     port 0 (and metrics port 0 where the config exports), on the running loop; yield once
-    the master is ready; stop them all (no grace) on exit."""
+    the master is ready; stop them all (no grace) on exit. `tracer_provider`: an
+    OpenTelemetry TracerProvider every process records its spans in."""
     first = parse_config(config)
     workers: dict[str, WorkerServer] = {}
     master: MasterServer | None = None
@@ -146,6 +148,7 @@ async def serve_world(
                 port=0,
                 metrics_port=None if w.metrics_port is None else 0,
                 service=service,
+                tracer_provider=tracer_provider,
             )
             workers[w.id] = server
             entry["address"] = _with_port(w.address, server.port)
@@ -155,7 +158,10 @@ async def serve_world(
                 entry["metrics_port"] = server.metrics_port
         cfg = parse_config(bound)
         master = await create_master(
-            cfg, port=0, metrics_port=None if cfg.master.metrics_port is None else 0
+            cfg,
+            port=0,
+            metrics_port=None if cfg.master.metrics_port is None else 0,
+            tracer_provider=tracer_provider,
         )
         bound["master"] = {**bound["master"], "listen": _with_port(cfg.master.listen, master.port)}
         if master.metrics_port is not None:
@@ -187,7 +193,12 @@ class InProcessCluster:
     """`serve_world` on an event loop of its own thread, for tests written in sync code
     (their own clients, threads and `asyncio.run` loops call it as they would processes)."""
 
-    def __init__(self, config: dict[str, Any], service: ServiceFactory = WorkerService) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        service: ServiceFactory = WorkerService,
+        tracer_provider: Any = None,
+    ) -> None:
         self._captured = _Captured()
         self._moe_logger = logging.getLogger("moe_serve")
         self._old_level = self._moe_logger.level
@@ -196,7 +207,7 @@ class InProcessCluster:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="in-process cluster", daemon=True)
         self._thread.start()
-        self._serving = serve_world(config, service)
+        self._serving = serve_world(config, service, tracer_provider=tracer_provider)
         try:
             self.world = self.call(self._serving.__aenter__(), START_TIMEOUT_S)
         except BaseException:
