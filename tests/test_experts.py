@@ -181,7 +181,7 @@ def test_grouped_gemm_path_equals_the_per_expert_loop(kind: str, dtype: torch.dt
     m = model_config(kind, "silu")
     weights = [synthetic_expert(m, 0, e) for e in (4, 0, 5, 2)]
     cpu = torch.device("cpu")
-    fast = ExpertStack(kind, "silu", weights, cpu, dtype)
+    fast = ExpertStack(kind, "silu", weights, cpu, dtype, grouped_mm=True)
     loop = ExpertStack(kind, "silu", weights, cpu, dtype, grouped_mm=False)
     assert fast.grouped_mm and not loop.grouped_mm
     hidden = torch.randn(5, H, generator=torch.Generator().manual_seed(3)).to(dtype)

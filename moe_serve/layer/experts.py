@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from moe_serve.layer.rowwise import linear, ordered_sum
 from moe_serve.weights import ExpertWeights, WeightSource
 
 log = logging.getLogger(__name__)
@@ -28,21 +29,21 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 def expert_forward(
     kind: str, activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor
 ) -> torch.Tensor:
-    """One expert on x [N, H] -> [N, H].
+    """One expert on x [N, H] -> [N, H]; row n depends on x[n] alone (rowwise.linear).
 
     mlp: fc2(act(fc1 x + b1)) + b2;  glu: down(act(gate x) * up x).
     """
     act = ACTIVATIONS[activation]
     if kind == "mlp":
-        return F.linear(act(F.linear(x, w["fc1"], w["fc1_bias"])), w["fc2"], w["fc2_bias"])
-    return F.linear(act(F.linear(x, w["gate"])) * F.linear(x, w["up"]), w["down"])
+        return linear(act(linear(x, w["fc1"], w["fc1_bias"])), w["fc2"], w["fc2_bias"])
+    return linear(act(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
 
 
 def shared_forward(activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Shared experts on x [T, H] -> [T, H]: a GLU, times sigmoid(x @ shared_gate.T) if gated."""
     y = expert_forward("glu", activation, w, x)
     if "shared_gate" in w:
-        y = torch.sigmoid(F.linear(x, w["shared_gate"])) * y
+        y = torch.sigmoid(linear(x, w["shared_gate"])) * y
     return y
 
 
@@ -59,13 +60,16 @@ def load_shared(
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: Sequence[int]) -> bool:
-    """Whether torch._grouped_mm runs here: on CPU (any float dtype), and on CUDA for
-    bfloat16 on compute capability 9.0+ with every GEMM dim a multiple of 16 bytes
-    (aten/src/ATen/native/cuda/Blas.cpp, mirrored in torch/_meta_registrations.py)."""
+    """Whether the grouped GEMM path is taken by default: on CUDA for bfloat16 on compute
+    capability 9.0+ with every GEMM dim a multiple of 16 bytes
+    (aten/src/ATen/native/cuda/Blas.cpp, mirrored in torch/_meta_registrations.py).
+
+    Not on CPU: there torch._grouped_mm is one GEMM per group, and a group of 1-3 rows
+    takes a kernel that sums in another order (moe_serve.layer.rowwise), so a token's bits
+    would follow how many others chose its expert. The per-expert loop pads each group to
+    rowwise.ROW_FLOOR rows instead, at the same cost."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if device.type == "cpu":
-        return True
     if device.type != "cuda" or dtype != torch.bfloat16:
         return False
     align = 16 // torch.empty((), dtype=dtype).element_size()
@@ -116,8 +120,11 @@ class ExpertStack:
             self.weights = {k: stacked(k) for k in ("fc1", "fc1_bias", "fc2", "fc2_bias")}
         hidden = experts[0]["down" if kind == "glu" else "fc2"].shape[0]
         auto = grouped_mm_supported(device, dtype, (hidden, self.ffn))
-        # None: the grouped GEMM where it runs; False forces the per-expert loop (tests).
-        self.grouped_mm = auto if grouped_mm is None else grouped_mm and auto
+        # None: the grouped GEMM where grouped_mm_supported says so. False forces the
+        # per-expert loop; True forces torch._grouped_mm where it runs at all, CPU included
+        # (tests compare the two paths).
+        runs = auto or (device.type == "cpu" and hasattr(torch, "_grouped_mm"))
+        self.grouped_mm = auto if grouped_mm is None else grouped_mm and runs
 
     def expert(self, slot: int) -> dict[str, torch.Tensor]:
         """Views of one expert's weights, under the keys of ExpertWeights."""
@@ -174,13 +181,15 @@ def grouped_forward(
 
     Sorts the pairs by expert once, runs each expert on its contiguous run of rows (one
     grouped GEMM per projection where torch._grouped_mm runs, else one GEMM chain per
-    expert), and combines per token with index_add_.
+    expert), and sums each token's weighted outputs in the order its pairs were given
+    (rowwise.ordered_sum): a token's bits do not depend on the other pairs of the batch.
     """
     order = torch.argsort(slot, stable=True)
-    token, weight, slot = token[order], weight[order], slot[order]
-    y = stack.forward_sorted(hidden[token], slot)  # [P, H]
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    return out.index_add_(0, token, y.float() * weight.unsqueeze(1))
+    y = stack.forward_sorted(hidden[token[order]], slot[order])  # [P, H], expert order
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.shape[0], device=order.device)  # y row of each pair
+    contrib = y[back].float() * weight.unsqueeze(1)  # [P, H] in the pairs' own order
+    return ordered_sum(hidden.shape[0], token, contrib)
 
 
 def _bucket(n: int) -> int:

@@ -10,9 +10,9 @@ import math
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 
 from moe_serve.config import RoutingConfig
+from moe_serve.layer.rowwise import linear
 from moe_serve.weights import WeightSource
 
 
@@ -34,12 +34,13 @@ def gate_scores(
 ) -> torch.Tensor:
     """Router scores [T, E] in float32: softmax or sigmoid of x @ router.T.
 
-    router_dtype "model" computes the logits in x's dtype first, as Mixtral/Qwen do.
+    router_dtype "model" computes the logits in x's dtype first, as Mixtral/Qwen do. Row t
+    depends on x[t] alone, whatever T (rowwise.linear).
     """
     if router_dtype == "model":
-        logits = F.linear(x, router.to(x.dtype)).float()  # [T, E]
+        logits = linear(x, router.to(x.dtype)).float()  # [T, E]
     else:
-        logits = F.linear(x.float(), router.float())  # [T, E]
+        logits = linear(x.float(), router.float())  # [T, E]
     return torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
 
 
