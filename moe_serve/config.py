@@ -166,6 +166,13 @@ class ModelConfig(_Frozen):
         False,
         description="Scale the shared experts' output by `sigmoid(x · w_gate)` (Qwen2-MoE).",
     )
+    batch_invariant: bool = Field(
+        True,
+        description="A token's output is the same bits whatever its batch mates: gate, "
+        "expert and shared-expert GEMMs on shapes that do not follow the batch, each token's "
+        "expert outputs summed in a fixed order (docs/models.md#batch-invariant-results). "
+        "`false`: the library's fastest kernels for each shape.",
+    )
 
     @field_validator("activation", mode="before")
     @classmethod

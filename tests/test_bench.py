@@ -30,13 +30,21 @@ SUMMARY_KEYS = {
     "empty_call_p50_ms",
     "master_hop_overhead_ms",
     "worker_hop_overhead_ms",
+    "invariance_cost",
     "t1_embedded_p50_ms",
     "t1_embedded_p99_ms",
     "t1_inprocess_p50_ms",
     "t4096_inprocess_p50_ms",
     "t4096_embedded_vs_inprocess",
 }
-SYSTEMS = ("in-process-grouped", "in-process", "moe_serve", "moe_serve_embedded", "torch_rpc")
+SYSTEMS = (
+    "in-process-grouped",
+    "in-process-grouped-variant",
+    "in-process",
+    "moe_serve",
+    "moe_serve_embedded",
+    "torch_rpc",
+)
 HOP_KEYS = {
     "empty_call",
     "master_empty_p50_ms",
@@ -153,6 +161,8 @@ def test_bench_writes_every_system_and_exactly_the_summary_keys(tmp_path: Path) 
     assert set(doc["concurrency"]) == {"1", "2"}
     assert {"gpus", "gpu_count", "torch", "cuda"} <= set(doc["device"])
     assert set(doc["stages_ms"]) == {"1", "8"}
+    assert set(doc["summary"]["invariance_cost"]) == {"1", "8"}
+    assert all(v > 0 for v in doc["summary"]["invariance_cost"].values())
     assert {"gate", "dispatch", "experts", "combine"} <= set(doc["stages_ms"]["8"])
     served = next(r for r in doc["rows"] if r["system"] == "moe_serve" and r["tokens"] == 8)
     # The servers' own view of those calls, scraped from the exporters the config names.

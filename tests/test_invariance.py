@@ -218,3 +218,12 @@ def test_placement_and_transport_do_not_change_the_bits(
     for name, outs in got.items():
         for layer in (0, 1):
             assert torch.equal(outs[layer], got["split"][layer]), f"{name}, layer {layer}"
+
+
+def test_batch_invariant_false_takes_the_librarys_kernels_and_says_so() -> None:
+    """The switch is real: off, a 1-row float32 gate takes MKL's GEMV path (other bits)."""
+    on = InProcessMoE(parse_config(world()))
+    off = InProcessMoE(parse_config(world(model={"batch_invariant": False})))
+    x = rows(40, 12)
+    assert torch.equal(on.forward(x[:1], 0), on.forward(x, 0)[:1])
+    assert not torch.equal(off.forward(x[:1], 0), off.forward(x, 0)[:1])

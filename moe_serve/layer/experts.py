@@ -27,23 +27,32 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def expert_forward(
-    kind: str, activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor
+    kind: str,
+    activation: str,
+    w: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    invariant: bool = True,
 ) -> torch.Tensor:
     """One expert on x [N, H] -> [N, H]; row n depends on x[n] alone (rowwise.linear).
 
     mlp: fc2(act(fc1 x + b1)) + b2;  glu: down(act(gate x) * up x).
     """
-    act = ACTIVATIONS[activation]
+    act, inv = ACTIVATIONS[activation], invariant
     if kind == "mlp":
-        return linear(act(linear(x, w["fc1"], w["fc1_bias"])), w["fc2"], w["fc2_bias"])
-    return linear(act(linear(x, w["gate"])) * linear(x, w["up"]), w["down"])
+        h = act(linear(x, w["fc1"], w["fc1_bias"], inv))
+        return linear(h, w["fc2"], w["fc2_bias"], inv)
+    return linear(
+        act(linear(x, w["gate"], None, inv)) * linear(x, w["up"], None, inv), w["down"], None, inv
+    )
 
 
-def shared_forward(activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def shared_forward(
+    activation: str, w: Mapping[str, torch.Tensor], x: torch.Tensor, invariant: bool = True
+) -> torch.Tensor:
     """Shared experts on x [T, H] -> [T, H]: a GLU, times sigmoid(x @ shared_gate.T) if gated."""
-    y = expert_forward("glu", activation, w, x)
+    y = expert_forward("glu", activation, w, x, invariant)
     if "shared_gate" in w:
-        y = torch.sigmoid(linear(x, w["shared_gate"])) * y
+        y = torch.sigmoid(linear(x, w["shared_gate"], None, invariant)) * y
     return y
 
 
@@ -93,8 +102,12 @@ class ExpertStack:
         device: torch.device,
         dtype: torch.dtype,
         grouped_mm: bool | None = None,
+        invariant: bool = True,
     ) -> None:
-        self.kind, self.activation = kind, activation
+        """`invariant`: a token's bits do not depend on the other rows of a call
+        (moe_serve.layer.rowwise); False takes the library's fastest kernels, the grouped
+        GEMM on CPU too."""
+        self.kind, self.activation, self.invariant = kind, activation, invariant
         self.num_experts = len(experts)
         self.device = device
 
@@ -120,10 +133,11 @@ class ExpertStack:
             self.weights = {k: stacked(k) for k in ("fc1", "fc1_bias", "fc2", "fc2_bias")}
         hidden = experts[0]["down" if kind == "glu" else "fc2"].shape[0]
         auto = grouped_mm_supported(device, dtype, (hidden, self.ffn))
-        # None: the grouped GEMM where grouped_mm_supported says so. False forces the
-        # per-expert loop; True forces torch._grouped_mm where it runs at all, CPU included
-        # (tests compare the two paths).
         runs = auto or (device.type == "cpu" and hasattr(torch, "_grouped_mm"))
+        if not invariant:
+            auto = runs  # the CPU grouped GEMM's small groups only cost invariance
+        # None: the default above. False forces the per-expert loop; True forces
+        # torch._grouped_mm where it runs at all, CPU included (tests compare the two).
         self.grouped_mm = auto if grouped_mm is None else grouped_mm and runs
 
     def expert(self, slot: int) -> dict[str, torch.Tensor]:
@@ -150,7 +164,7 @@ class ExpertStack:
             if n:
                 end = start + n
                 out[start:end] = expert_forward(
-                    self.kind, self.activation, self.expert(s), x[start:end]
+                    self.kind, self.activation, self.expert(s), x[start:end], self.invariant
                 )
                 start = end
         return out
@@ -189,7 +203,7 @@ def grouped_forward(
     back = torch.empty_like(order)
     back[order] = torch.arange(order.shape[0], device=order.device)  # y row of each pair
     contrib = y[back].float() * weight.unsqueeze(1)  # [P, H] in the pairs' own order
-    return ordered_sum(hidden.shape[0], token, contrib)
+    return ordered_sum(hidden.shape[0], token, contrib, stack.invariant)
 
 
 def _bucket(n: int) -> int:

@@ -30,7 +30,11 @@ class Routing:
 
 
 def gate_scores(
-    x: torch.Tensor, router: torch.Tensor, scoring: str, router_dtype: str = "float32"
+    x: torch.Tensor,
+    router: torch.Tensor,
+    scoring: str,
+    router_dtype: str = "float32",
+    invariant: bool = True,
 ) -> torch.Tensor:
     """Router scores [T, E] in float32: softmax or sigmoid of x @ router.T.
 
@@ -38,9 +42,9 @@ def gate_scores(
     depends on x[t] alone, whatever T (rowwise.linear).
     """
     if router_dtype == "model":
-        logits = linear(x, router.to(x.dtype)).float()  # [T, E]
+        logits = linear(x, router.to(x.dtype), None, invariant).float()  # [T, E]
     else:
-        logits = linear(x.float(), router.float())  # [T, E]
+        logits = linear(x.float(), router.float(), None, invariant)  # [T, E]
     return torch.softmax(logits, dim=-1) if scoring == "softmax" else torch.sigmoid(logits)
 
 
@@ -133,6 +137,7 @@ class Gate:
     bias: torch.Tensor | None
     top_k: int
     cfg: RoutingConfig
+    invariant: bool = True  # row-wise logits (moe_serve.layer.rowwise); False: F.linear
 
     @classmethod
     def load(
@@ -143,6 +148,7 @@ class Gate:
         cfg: RoutingConfig,
         device: torch.device,
         dtype: torch.dtype,
+        invariant: bool = True,
     ) -> Gate:
         """Read a layer's router and bias, rounded to the model dtype like every weight.
 
@@ -156,10 +162,11 @@ class Gate:
             bias=None if bias is None else bias.to(dtype).to(device, torch.float32),
             top_k=top_k,
             cfg=cfg,
+            invariant=invariant,
         )
 
     def __call__(self, x: torch.Tensor, losses: bool = True) -> Routing:
-        return route(x, self.router, self.top_k, self.cfg, self.bias, losses)
+        return route(x, self.router, self.top_k, self.cfg, self.bias, losses, self.invariant)
 
 
 def route(
@@ -169,6 +176,7 @@ def route(
     cfg: RoutingConfig,
     bias: torch.Tensor | None = None,
     losses: bool = True,
+    invariant: bool = True,
 ) -> Routing:
     """Gate a batch: x [T, H], router [E, H], optional correction bias [E] -> Routing.
 
@@ -176,7 +184,7 @@ def route(
     client asks for the routing.
     """
     E = router.shape[0]
-    scores = gate_scores(x, router, cfg.scoring, cfg.router_dtype)  # [T, E]
+    scores = gate_scores(x, router, cfg.scoring, cfg.router_dtype, invariant)  # [T, E]
     groups = None  # RoutingConfig sets n_group and topk_group both or neither
     if cfg.n_group is not None and cfg.topk_group is not None:
         groups = (cfg.n_group, cfg.topk_group, cfg.group_scoring)

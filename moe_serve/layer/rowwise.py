@@ -32,10 +32,13 @@ ROW_FLOOR = 16
 ROW_BLOCK = 256
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, bias) for x [T, K] whose row t depends on x[t] alone, not on T."""
+def linear(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, invariant: bool = True
+) -> torch.Tensor:
+    """F.linear(x, w, bias) for x [T, K] whose row t depends on x[t] alone, not on T
+    (`invariant=False`: plain F.linear, the library's kernel for this shape)."""
     T = x.shape[0]
-    if T == 0:
+    if T == 0 or not invariant:
         return F.linear(x, w, bias)
     if x.device.type == "cpu":
         if T >= ROW_FLOOR:
@@ -49,15 +52,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -
     return torch.cat([F.linear(b, w, bias) for b in padded.split(ROW_BLOCK)])[:T]
 
 
-def ordered_sum(rows: int, token: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def ordered_sum(
+    rows: int, token: torch.Tensor, values: torch.Tensor, invariant: bool = True
+) -> torch.Tensor:
     """out [rows, H] float32, out[t] = the sum of values[p] over the pairs p of token t,
     added one after the other in the order the pairs are given: the same bits whoever else
     is in the batch, on every device (index_add_ would use atomics on CUDA).
+    `invariant=False`: one index_add_.
 
     token [P] int64 in [0, rows) (checked by the caller); values [P, H] float32. No host
     sync (lengths come from a scatter, the segment sum is told they are valid), so it runs
     inside a CUDA graph.
     """
+    if not invariant:
+        out = torch.zeros((rows, values.shape[1]), dtype=torch.float32, device=values.device)
+        return out.index_add_(0, token, values)
     order = torch.argsort(token, stable=True)  # stable: a token's pairs keep their order
     lengths = torch.zeros(rows, dtype=torch.int64, device=token.device)
     lengths.scatter_add_(0, token, torch.ones_like(token))

@@ -113,7 +113,9 @@ class MasterEngine:
         if source is None:
             source = open_weights(cfg.model, cfg.routing)
         self.gates = {
-            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, self.dtype)
+            la: Gate.load(
+                source, la, m.top_k, cfg.routing, self.device, self.dtype, m.batch_invariant
+            )
             for la in m.moe_layers
         }
         self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
@@ -337,7 +339,8 @@ class MasterEngine:
             # batcher): they overlap with the workers' compute.
             try:
                 await asyncio.sleep(0)
-                shared = shared_forward(self.cfg.model.activation, self.shared[layer], b.x)
+                m = self.cfg.model
+                shared = shared_forward(m.activation, self.shared[layer], b.x, m.batch_invariant)
             except BaseException:
                 for task in calls:
                     task.cancel()

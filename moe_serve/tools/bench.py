@@ -57,8 +57,10 @@ from moe_serve.weights import open_weights
 from moe_serve.worker.engine import WorkerEngine
 
 TOKENS = (1, 8, 64, 512, 4096)
-# The in-process baselines; a ratio is taken against the faster of them at each T.
-IN_PROCESS = ("in-process-grouped", "in-process")
+# The in-process baselines; a ratio is taken against the fastest of them at each T. The
+# "-variant" one is the grouped layer with model.batch_invariant off: the library's fastest
+# kernel per shape, whose bits follow the batch (docs/models.md#batch-invariant-results).
+IN_PROCESS = ("in-process-grouped", "in-process-grouped-variant", "in-process")
 CLIENTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -150,7 +152,9 @@ class GroupedMoE:
         self.dtype, self.top_k = DTYPE_NAMES[m.dtype], m.top_k
         source = open_weights(m, cfg.routing)
         self.gates = {
-            la: Gate.load(source, la, m.top_k, cfg.routing, self.device, self.dtype)
+            la: Gate.load(
+                source, la, m.top_k, cfg.routing, self.device, self.dtype, m.batch_invariant
+            )
             for la in m.moe_layers
         }
         self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
@@ -172,26 +176,25 @@ class GroupedMoE:
             layer, x, token, r.expert_ids.flatten(), r.weights.flatten(), out_device=self.device
         )
         if layer in self.shared:
-            out = out + shared_forward(self.experts.model.activation, self.shared[layer], x)
+            m = self.experts.model
+            out = out + shared_forward(m.activation, self.shared[layer], x, m.batch_invariant)
         return out
 
 
 def _in_process(
     cfg: WorldConfig, xs: dict[int, torch.Tensor], layer: int, iters: int, flops: float
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
-    grouped = GroupedMoE(cfg)
-    rows = [
-        _row(
-            "in-process-grouped",
-            T,
-            time_calls(functools.partial(grouped.forward, x, layer), iters, 3),
-            flops,
-        )
-        for T, x in xs.items()
-    ]
-    del grouped  # its experts' memory goes back before the next layer loads them
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    rows = []
+    for name, invariant in (("in-process-grouped", True), ("in-process-grouped-variant", False)):
+        model = cfg.model.model_copy(update={"batch_invariant": invariant})
+        grouped = GroupedMoE(cfg.model_copy(update={"model": model}))
+        rows += [
+            _row(name, T, time_calls(functools.partial(grouped.forward, x, layer), iters, 3), flops)
+            for T, x in xs.items()
+        ]
+        del grouped  # its experts' memory goes back before the next layer loads them
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     ref = InProcessMoE(cfg)  # freed on return, before the workers load their experts
     try:
         rows += [
@@ -337,7 +340,7 @@ def _row(name: str, T: int, t: dict[str, float], flops: float) -> dict[str, Any]
     t["tokens_per_s"] = T / (t["mean_ms"] / 1e3)
     t["tflops"] = flops * T / (t["mean_ms"] / 1e3) / 1e12
     print(
-        f"  {name:18} T={T:<5} p50 {t['p50_ms']:8.3f} ms  p99 {t['p99_ms']:8.3f} ms  "
+        f"  {name:26} T={T:<5} p50 {t['p50_ms']:8.3f} ms  p99 {t['p99_ms']:8.3f} ms  "
         f"{t['tokens_per_s']:12,.0f} tok/s  {t['tflops']:7.3f} TFLOP/s",
         flush=True,
     )
@@ -641,7 +644,15 @@ def _summary(
 
     serve, inproc, rpc = at("moe_serve", 4096), fastest_in_process(4096), at("torch_rpc", 4096)
     t1_base = fastest_in_process(1)
+    Ts = sorted({r["tokens"] for r in rows})
     return {
+        # p50 of the batch-invariant grouped layer / the same layer without, per T.
+        "invariance_cost": {
+            str(T): (a / b)
+            if (a := at("in-process-grouped", T)) and (b := at("in-process-grouped-variant", T))
+            else None
+            for T in Ts
+        },
         "t4096_vs_inprocess": serve / inproc if serve and inproc else None,
         "t4096_speedup_vs_torch_rpc": rpc / serve if serve and rpc else None,
         "t1_p50_ms": at("moe_serve", 1),

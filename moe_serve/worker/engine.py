@@ -95,7 +95,14 @@ class WorkerEngine:
                 stacks.append(None)
                 continue
             weights = source.experts(layer, experts)
-            stack = ExpertStack(m.expert_kind, m.activation, weights, self.devices[d], self.dtype)
+            stack = ExpertStack(
+                m.expert_kind,
+                m.activation,
+                weights,
+                self.devices[d],
+                self.dtype,
+                invariant=m.batch_invariant,
+            )
             stacks.append(stack)
             progress.add(len(experts), stack.nbytes())
         self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
