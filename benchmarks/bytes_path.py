@@ -189,6 +189,7 @@ def the_slice(tokens: int, device: torch.device) -> WorkerSlice:
         pair_token=rows.to(torch.int32),
         pair_expert=(rows % 8).to(torch.int32),
         pair_weight=torch.ones(tokens, device=device),
+        pair_index=rows.long(),
     )
 
 

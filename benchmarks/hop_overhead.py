@@ -65,14 +65,16 @@ def on_free_ports(doc: dict[str, Any]) -> dict[str, Any]:
 class _Answered:
     """An ExpertPool whose workers answer at once with zeros: the master's engine alone."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, pair_outputs: bool) -> None:
         self.healthy, self.outstanding = [True] * n, [0] * n
+        self.pair_outputs = pair_outputs  # answer one row per pair, as workers then do
         self.tls_failures: list[str | None] = [None] * n
 
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
-        return torch.zeros(sl.token_index.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+        rows = (sl.pair_expert if self.pair_outputs else sl.token_index).shape[0]
+        return torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device)
 
 
 def compute(cfg: WorldConfig, iters: int) -> dict[str, float]:
@@ -89,7 +91,9 @@ def compute(cfg: WorldConfig, iters: int) -> dict[str, float]:
     expert = torch.tensor(held, dtype=torch.int32)
     weight = torch.full((len(held),), 1.0 / len(held))
     experts = time_calls(lambda: engine.forward(layer, x, token, expert, weight), iters, 10)
-    master = MasterEngine(cfg, _Answered(len(cfg.workers)), MasterMetrics(), source)
+    master = MasterEngine(
+        cfg, _Answered(len(cfg.workers), m.batch_invariant), MasterMetrics(), source
+    )
     loop = asyncio.new_event_loop()
     try:
         on_master = x.to(master.device)

@@ -84,6 +84,7 @@ def routed(tokens: int, seed: int = 3) -> tuple[torch.Tensor, WorkerSlice]:
         pair_token=rows.to(torch.int32),
         pair_expert=experts.to(torch.int32),
         pair_weight=torch.rand(2 * tokens, generator=g),
+        pair_index=torch.arange(2 * tokens),
     )
 
 
@@ -114,7 +115,7 @@ def run_slices(
     return asyncio.run(main())
 
 
-def test_chunked_partial_sums_match_one_call_row_for_row() -> None:
+def test_chunked_calls_give_the_bits_of_one_call() -> None:
     x, sl = routed(100)
     # A slice of some rows only (the master gathers them), and one of every row.
     odd = WorkerSlice(
@@ -123,17 +124,17 @@ def test_chunked_partial_sums_match_one_call_row_for_row() -> None:
         pair_token=torch.arange(50).repeat_interleave(2).to(torch.int32),
         pair_expert=sl.pair_expert[:100],
         pair_weight=sl.pair_weight[:100],
+        pair_index=sl.pair_index[:100],
     )
     cases = [(x, sl), (x, odd)]
     whole, _ = run_slices({"channels": 1, "chunk_rows": 0}, cases)
     chunked, worker = run_slices({"channels": 3, "chunk_rows": CHUNK_ROWS}, cases)
     assert worker.rows.count(CHUNK_ROWS) == 6 + 3  # 100 rows: 6 x 16 + 4; 50: 3 x 16 + 2
-    # Against one call: the worker batches whichever chunks are queued together, and its
-    # GEMMs round a row differently in batches of other sizes (CPU: ~4e-7 here): equal
-    # within float32 tolerance, not bit for bit (see master.worker_chunk_bytes).
+    # The worker batches whichever chunks are queued together; its batch-invariant GEMMs
+    # give a row the same bits in a batch of any size (model.batch_invariant, the default).
     for one, many in zip(whole, chunked, strict=True):
-        assert one.shape == many.shape
-        assert (one - many).abs().max().item() <= FP32_TOL
+        assert one.shape == many.shape == (200 if one is whole[0] else 100, H)
+        assert torch.equal(one, many)
 
 
 def test_a_slice_larger_than_the_chunk_reaches_the_worker_as_calls_over_connections() -> None:

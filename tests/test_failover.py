@@ -28,7 +28,7 @@ import torch
 from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.config import WorldConfig, parse_config
 from moe_serve.errors import DeadlineError, WorkerUnavailableError
-from moe_serve.layer.dispatch import combine, dispatch
+from moe_serve.layer.dispatch import combine_pairs, dispatch
 from moe_serve.layer.reference import ReferenceMoE
 from moe_serve.master import workers as master_workers
 from moe_serve.master.engine import MasterEngine
@@ -382,7 +382,9 @@ class FlakyLocalPool(WorkerPool):
         if self.fails(self.calls):
             raise WorkerUnavailableError(f"worker {sl.worker}: call {self.calls} failed")
         hidden = x[sl.token_index]
-        return self.engine.forward(layer, hidden, sl.pair_token, sl.pair_expert, sl.pair_weight)
+        return self.engine.forward(
+            layer, hidden, sl.pair_token, sl.pair_expert, sl.pair_weight, pairs=self.pair_outputs
+        )
 
 
 def _resend(
@@ -397,7 +399,8 @@ def _resend(
     async def main() -> tuple[Any, torch.Tensor | None, int, int]:
         pool = FlakyLocalPool(cfg, build_engine(cfg, "w0"), fails)
         engine = MasterEngine(cfg, pool, pool.metrics)
-        slices = dispatch(engine.gates[0](x, losses=False), engine.owners(0, x.device), 2)
+        routing = engine.gates[0](x, losses=False)
+        slices = dispatch(routing, engine.owners(0, x.device), 2)
         results = await asyncio.gather(
             *(pool.forward(0, x, sl, 5.0) for sl in slices), return_exceptions=True
         )
@@ -405,7 +408,7 @@ def _resend(
         try:
             done, parts = await engine._fail_over(0, x, slices, results, deadline)
             outcome: Any = done
-            out = combine(16, 64, done, parts, x.device)
+            out = combine_pairs(routing.weights, 64, done, parts, x.device)
         except WorkerUnavailableError as exc:
             outcome, out = exc, None
         finally:

@@ -333,11 +333,13 @@ def test_fp8_report_passes_the_gate_at_about_half_the_bytes(model: dict[str, Any
 # Greedy decoding of the tiny family models, FP8 dispatch against the model dtype through
 # the same workers. Their random weights make near-ties common, and one flipped token changes
 # every later one, so two numbers: the fraction of identical new tokens when each path
-# decodes on its own (measured 0.31-1.0 by family, 0.68 on average, at 16 new tokens from
-# 2 prompts), and the fraction of positions whose next token is the same when both read the
-# same text (the plain path's; measured 0.91-1.0, 0.95 on average).
-GREEDY_AGREEMENT_BOUND = 0.25
-FORCED_AGREEMENT_BOUND = 0.85
+# decodes on its own, and the fraction of positions whose next token is the same when both
+# read the same text (the plain path's). At 16 new tokens from 2 prompts, measured by family
+# with workers answering pair outputs (model.batch_invariant) / per-token sums: 0.25-1.0,
+# 0.63 on average / 0.31-1.0, 0.68; forced 0.84-1.0, 0.94 / 0.91-1.0, 0.95. One position is
+# 1/32: the bounds sit two positions below the lowest.
+GREEDY_AGREEMENT_BOUND = 0.18
+FORCED_AGREEMENT_BOUND = 0.78
 NEW_TOKENS = 16
 PROMPT = 7
 

@@ -23,13 +23,13 @@ PREFIXES = sorted(
 )
 
 
-def gpu_world(**model: Any) -> dict[str, Any]:
+def gpu_world(workers: list[dict[str, Any]] | None = None, **model: Any) -> dict[str, Any]:
     return world(
         model={"hidden_size": 1024, "expert_ffn_size": 2048, "expert_kind": "glu",
                "activation": "silu", "dtype": "bfloat16", **model},
         master={"device": "cuda:0"},
-        workers=[{"experts": [0, 1, 2, 3], "devices": ["cuda:0"]},
-                 {"experts": [4, 5, 6, 7], "devices": ["cuda:0"]}],
+        workers=workers or [{"experts": [0, 1, 2, 3], "devices": ["cuda:0"]},
+                            {"experts": [4, 5, 6, 7], "devices": ["cuda:0"]}],
     )  # fmt: skip
 
 
@@ -73,3 +73,29 @@ def test_every_prefix_of_a_4096_token_request_gets_the_rows_of_the_whole(
     full = layer.forward(x, 0)
     differ = [T for T in PREFIXES if not torch.equal(layer.forward(x[:T], 0), full[:T])]
     assert differ == []
+
+
+GPU_PLACEMENTS: dict[str, list[dict[str, Any]]] = {
+    "one worker": [{"experts": list(range(8)), "devices": ["cuda:0"]}],
+    "replicated": [
+        {"experts": list(range(8)), "devices": ["cuda:0"]},
+        {"experts": [0, 1, 2, 3], "devices": ["cuda:0"]},
+    ],
+    "per expert": [{"experts": [e], "devices": ["cuda:0"]} for e in range(8)],
+}
+
+
+@pytest.mark.parametrize("model", [{}, {"top_k": 3}], ids=["top2", "top3"])
+def test_placement_does_not_change_the_bits_on_cuda(model: dict[str, Any]) -> None:
+    """bfloat16 pair outputs summed on the master in top-k order: split (4 + 4 experts), one
+    worker, replicas and one expert per worker agree bit for bit, for CUDA-graph sizes and a
+    4,096-token request."""
+    x = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(3)).to("cuda:0")
+    sizes = (1, 5, 64, 4096)
+    split = InProcessMoE(parse_config(gpu_world(**model)))
+    want = {T: split.forward(x[:T], 0) for T in sizes}
+    del split
+    for name, workers in GPU_PLACEMENTS.items():
+        layer = InProcessMoE(parse_config(gpu_world(workers, **model)))
+        differ = [T for T in sizes if not torch.equal(layer.forward(x[:T], 0), want[T])]
+        assert differ == [], name

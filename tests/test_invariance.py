@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -20,10 +21,13 @@ from hypothesis import strategies as st
 
 from moe_serve.client import MoEClient
 from moe_serve.config import parse_config
-from moe_serve.layer.experts import ExpertStack, grouped_forward
+from moe_serve.layer.experts import ExpertStack, expert_forward, grouped_forward
 from moe_serve.layer.gating import Gate
 from moe_serve.layer.rowwise import ROW_FLOOR, linear, ordered_sum
 from moe_serve.tools.bench import InProcessMoE
+from moe_serve.transport.wire import serialize, tensor_from_pb
+from moe_serve.v1 import moe_pb2 as pb
+from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.weights import open_weights
 from tests.conftest import world
 from tests.support.cluster import InProcessCluster
@@ -200,24 +204,115 @@ PLACEMENTS: dict[str, dict[str, Any]] = {
         ]
     },
     "shared memory off": {"master": {"shared_memory_bytes": 0}},
+    # Bytes calls cut into chunks of 8 rows, in flight on 3 connections at once.
+    "chunked": {"master": {"shared_memory_bytes": 0, "worker_chunk_bytes": 8 * H * 4}},
 }
 
 
-@pytest.mark.parametrize("top_k", [2])
-def test_placement_and_transport_do_not_change_the_bits(
-    in_process_factory: Callable[..., InProcessCluster], top_k: int
-) -> None:
-    x = rows(64, 5)
-    got = {}
-    for name, sections in PLACEMENTS.items():
-        config = world(model={"moe_layers": [0, 1], "top_k": top_k}, **sections)
-        c = in_process_factory(config)
+def served_outputs(
+    factory: Callable[..., InProcessCluster],
+    model: dict[str, Any],
+    x: torch.Tensor,
+    **sections: Any,
+) -> list[torch.Tensor]:
+    """Layers 0 and 1 of x through a world of `model` placed as `sections`."""
+    c = factory(world(model={"moe_layers": [0, 1], **model}, **sections))
+    try:
         with MoEClient(c.address) as client:
-            got[name] = [client.infer(x, layer=layer) for layer in (0, 1)]
+            return [client.infer(x, layer=layer) for layer in (0, 1)]
+    finally:
         c.stop()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "top_k"), [("float32", 2), ("bfloat16", 2), ("float32", 3), ("bfloat16", 3)]
+)
+def test_placement_and_transport_do_not_change_the_bits(
+    in_process_factory: Callable[..., InProcessCluster], dtype: str, top_k: int
+) -> None:
+    """Workers answer each pair's expert output and the master adds a token's pairs in its
+    top-k order: one worker or several, replicas or not, bytes or shared memory, chunked or
+    not, the sum is the same sum."""
+    x = rows(64, 5)
+    model = {"dtype": dtype, "top_k": top_k}
+    got = {
+        name: served_outputs(in_process_factory, model, x, **sections)
+        for name, sections in PLACEMENTS.items()
+    }
     for name, outs in got.items():
         for layer in (0, 1):
             assert torch.equal(outs[layer], got["split"][layer]), f"{name}, layer {layer}"
+
+
+# Each expert of each layer on a random non-empty set of 3 workers (replicas included).
+holders = st.lists(st.integers(1, 7), min_size=8, max_size=8)
+
+
+@SERVED
+@given(layer0=holders, layer1=holders, shm=st.booleans(), top_k=st.integers(1, 4))
+def test_any_placement_gives_the_bits_of_one_worker(
+    in_process_factory: Callable[..., InProcessCluster],
+    layer0: list[int],
+    layer1: list[int],
+    shm: bool,
+    top_k: int,
+) -> None:
+    """Bit masks over 3 workers per expert: a worker holds expert e of a layer when its bit
+    is set in the draw. bfloat16, with shared memory on or off."""
+    x = rows(48, 9)
+    model = {"dtype": "bfloat16", "top_k": top_k}
+    one = served_outputs(in_process_factory, model, x, workers=[{"experts": list(range(8))}])
+    workers = [
+        {
+            "experts": {
+                la: [e for e, m in enumerate(draw) if m >> w & 1]
+                for la, draw in enumerate((layer0, layer1))
+            }
+        }
+        for w in range(3)
+    ]
+    workers = [w for w in workers if any(w["experts"].values())]
+    master = {"shared_memory_bytes": 0} if not shm else {}
+    placed = served_outputs(in_process_factory, model, x, workers=workers, master=master)
+    for layer in (0, 1):
+        assert torch.equal(placed[layer], one[layer]), f"layer {layer}: {workers}"
+
+
+def test_a_worker_answers_each_pairs_expert_output_when_asked(served: InProcessCluster) -> None:
+    """Forward with pair_outputs: row p is expert pair_expert[p] of its token, unweighted
+    (the weights are the master's to apply); the same call without it sums per token."""
+    w0 = served.cfg.workers[0]
+    held = w0.experts_on(0)[:2]
+    hidden = rows(3, 21)
+    token = torch.tensor([0, 0, 2], dtype=torch.int32)
+    expert = torch.tensor([held[0], held[1], held[1]], dtype=torch.int32)
+    weight = torch.tensor([0.25, 0.75, 0.5])
+    tensors = {"hidden": hidden, "pair_token": token, "pair_expert": expert, "pair_weight": weight}
+    with grpc.insecure_channel(w0.address) as channel:
+        stub = pb_grpc.ExpertWorkerStub(channel)
+        ask = pb.ForwardRequest(layer=0, pair_outputs=True)
+        pairs = tensor_from_pb(
+            stub.Forward(pb.ForwardRequest.FromString(serialize(ask, tensors))).output, "output"
+        )
+        sums = tensor_from_pb(
+            stub.Forward(
+                pb.ForwardRequest.FromString(serialize(pb.ForwardRequest(layer=0), tensors))
+            ).output,
+            "output",
+        )
+    source = open_weights(served.cfg.model, served.cfg.routing)
+    m = served.cfg.model
+    experts = dict(zip(held, source.experts(0, held), strict=True))
+    expected = torch.stack(
+        [
+            expert_forward(m.expert_kind, m.activation, experts[e], hidden[t : t + 1])[0]
+            for t, e in zip(token.tolist(), expert.tolist(), strict=True)
+        ]
+    )
+    assert pairs.shape == (3, H) and sums.shape == (3, H)
+    assert torch.equal(pairs, expected)
+    assert torch.equal(sums[1], torch.zeros(H))  # token 1 has no pair here
+    assert torch.allclose(sums[0], 0.25 * expected[0] + 0.75 * expected[1], atol=1e-6)
 
 
 def test_batch_invariant_false_takes_the_librarys_kernels_and_says_so() -> None:

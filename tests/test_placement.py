@@ -91,12 +91,15 @@ def test_regroup_moves_a_failed_slice_to_new_owners_keeping_rows_and_weights() -
         pair_token=torch.tensor([0, 1, 1, 2], dtype=torch.int32),
         pair_expert=torch.tensor([1, 1, 2, 2], dtype=torch.int32),
         pair_weight=torch.tensor([0.5, 0.25, 0.75, 1.0]),
+        pair_index=torch.tensor([4, 10, 11, 18]),
     )
     owner = torch.tensor([0, 0, 2])  # expert 1 now on w0, expert 2 on w2
     a, b = regroup(failed, owner, num_workers=3)
     assert (a.worker, a.token_index.tolist(), a.pair_weight.tolist()) == (0, [2, 5], [0.5, 0.25])
     assert (b.worker, b.token_index.tolist(), b.pair_weight.tolist()) == (2, [5, 9], [0.75, 1.0])
     assert b.pair_token.tolist() == [0, 1] and b.pair_expert.tolist() == [2, 2]
+    # Each pair keeps its place in the routing, where the combine puts its output.
+    assert a.pair_index.tolist() == [4, 10] and b.pair_index.tolist() == [11, 18]
 
 
 def test_regroup_splits_a_failed_slice_among_the_live_replicas() -> None:
@@ -106,6 +109,7 @@ def test_regroup_splits_a_failed_slice_among_the_live_replicas() -> None:
         pair_token=torch.arange(6, dtype=torch.int32),
         pair_expert=torch.ones(6, dtype=torch.int32),
         pair_weight=torch.full((6,), 0.5),
+        pair_index=torch.arange(6) * 2,
     )
     owners = plan_owners(((0,), (0, 1, 2)), [True, True, False], [0, 0, 0], 0, CPU, strict=True)
     a, b = regroup(failed, owners, num_workers=3)

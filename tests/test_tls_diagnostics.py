@@ -108,6 +108,7 @@ def slice_of_one_token() -> WorkerSlice:
         pair_token=torch.tensor([0], dtype=torch.int32),
         pair_expert=torch.tensor([3], dtype=torch.int32),
         pair_weight=torch.tensor([1.0]),
+        pair_index=torch.tensor([0]),
     )
 
 

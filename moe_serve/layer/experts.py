@@ -184,6 +184,26 @@ class ExpertStack:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
 
 
+def pair_forward(
+    stack: ExpertStack,
+    hidden: torch.Tensor,  # [N, H] on stack.device
+    token: torch.Tensor,  # [P] int64 rows of hidden, on stack.device
+    slot: torch.Tensor,  # [P] int64 expert slots within the stack
+) -> torch.Tensor:
+    """Each pair's expert output, unweighted -> [P, H] in the stack's dtype, in the pairs'
+    own order.
+
+    Sorts the pairs by expert once and runs each expert on its contiguous run of rows (one
+    grouped GEMM per projection where torch._grouped_mm runs, else one GEMM chain per
+    expert); with `stack.invariant` a row's bits do not depend on the other pairs.
+    """
+    order = torch.argsort(slot, stable=True)
+    y = stack.forward_sorted(hidden[token[order]], slot[order])  # [P, H], expert order
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.shape[0], device=order.device)  # y row of each pair
+    return y[back]
+
+
 def grouped_forward(
     stack: ExpertStack,
     hidden: torch.Tensor,  # [N, H] on stack.device
@@ -191,19 +211,18 @@ def grouped_forward(
     slot: torch.Tensor,  # [P] int64 expert slots within the stack
     weight: torch.Tensor,  # [P] float32
 ) -> torch.Tensor:
-    """Weighted per-token sum of the stack's experts -> [N, H] float32.
+    """Weighted per-token sum of the stack's experts -> [N, H] float32: `pair_forward`,
+    then each token's weighted outputs summed in the order its pairs were given
+    (rowwise.ordered_sum): a token's bits do not depend on the other pairs of the batch."""
+    return _weighted_sum(
+        hidden.shape[0], token, pair_forward(stack, hidden, token, slot), weight, stack.invariant
+    )
 
-    Sorts the pairs by expert once, runs each expert on its contiguous run of rows (one
-    grouped GEMM per projection where torch._grouped_mm runs, else one GEMM chain per
-    expert), and sums each token's weighted outputs in the order its pairs were given
-    (rowwise.ordered_sum): a token's bits do not depend on the other pairs of the batch.
-    """
-    order = torch.argsort(slot, stable=True)
-    y = stack.forward_sorted(hidden[token[order]], slot[order])  # [P, H], expert order
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.shape[0], device=order.device)  # y row of each pair
-    contrib = y[back].float() * weight.unsqueeze(1)  # [P, H] in the pairs' own order
-    return ordered_sum(hidden.shape[0], token, contrib, stack.invariant)
+
+def _weighted_sum(
+    rows: int, token: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, invariant: bool
+) -> torch.Tensor:
+    return ordered_sum(rows, token, y.float() * weight.unsqueeze(1), invariant)
 
 
 def _bucket(n: int) -> int:
@@ -220,16 +239,20 @@ class _Captured:
         self.token = torch.full((pairs,), tokens, dtype=torch.int64, device=dev)
         self.slot = torch.zeros(pairs, dtype=torch.int64, device=dev)
         self.weight = torch.zeros(pairs, dtype=torch.float32, device=dev)
-        args = (stack, self.hidden, self.token, self.slot, self.weight)
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up off the capture: allocator, kernel selection
             for _ in range(2):
-                grouped_forward(*args)
+                self._run(stack, tokens)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = grouped_forward(*args)
+            self.pairs, self.out = self._run(stack, tokens)
+
+    def _run(self, stack: ExpertStack, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both outputs a caller may want: the pairs' [P, H] and the tokens' sums [N, H]."""
+        y = pair_forward(stack, self.hidden, self.token, self.slot)
+        return y, _weighted_sum(tokens + 1, self.token, y, self.weight, stack.invariant)
 
 
 class SmallBatchGraphs:
@@ -258,9 +281,15 @@ class SmallBatchGraphs:
         return self.enabled and 0 < pairs <= self.MAX_PAIRS and tokens <= self.MAX_TOKENS
 
     def __call__(
-        self, hidden: torch.Tensor, token: torch.Tensor, slot: torch.Tensor, weight: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        token: torch.Tensor,
+        slot: torch.Tensor,
+        weight: torch.Tensor,
+        pairs: bool = False,
     ) -> torch.Tensor:
-        """grouped_forward(stack, hidden, token, slot, weight) for a batch that fits."""
+        """grouped_forward(stack, hidden, token, slot, weight) for a batch that fits, or with
+        `pairs` pair_forward(stack, hidden, token, slot)."""
         n, p = hidden.shape[0], token.shape[0]
         key = (_bucket(n), _bucket(p))
         g = self._graphs.get(key)
@@ -270,6 +299,8 @@ class SmallBatchGraphs:
             except RuntimeError as exc:  # a kernel that cannot be captured on this build
                 log.warning("CUDA graphs off for %s: capture failed: %s", self.stack.device, exc)
                 self.enabled = False
+                if pairs:
+                    return pair_forward(self.stack, hidden, token, slot)
                 return grouped_forward(self.stack, hidden, token, slot, weight)
         g.hidden[:n].copy_(hidden)
         g.token[:p].copy_(token)
@@ -279,4 +310,7 @@ class SmallBatchGraphs:
         g.weight[:p].copy_(weight)
         g.weight[p:].zero_()
         g.graph.replay()
-        return g.out[:n].clone()  # the static output is overwritten by the next replay
+        # Copies: the static outputs are overwritten by the next replay.
+        return (
+            g.pairs[:p].clone() if pairs else g.out[:n].clone()
+        )  # the static output is overwritten by the next replay

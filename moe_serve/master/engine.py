@@ -31,7 +31,7 @@ from moe_serve.errors import (
     RequestTooLargeError,
     WorkerUnavailableError,
 )
-from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch, regroup
+from moe_serve.layer.dispatch import WorkerSlice, combine, combine_pairs, dispatch, regroup
 from moe_serve.layer.experts import load_shared, shared_forward
 from moe_serve.layer.gating import Gate, Routing, merge_routings, routing_to, split_routing
 from moe_serve.layer.placement import Owners, Placement, plan_owners
@@ -59,9 +59,11 @@ class ExpertPool(Protocol):
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
-        """x [T, H] -> worker `sl.worker`'s partial sums [N_w, H] for the rows and pairs of
-        `sl`; WorkerUnavailableError when that worker cannot answer (the engine then resends
-        the slice to replicas)."""
+        """x [T, H] -> worker `sl.worker`'s answer for the rows and pairs of `sl`: each
+        pair's expert output [P_w, H] in the slice's pair order when the config's
+        model.batch_invariant is on, else its partial sums [N_w, H];
+        WorkerUnavailableError when that worker cannot answer (the engine then resends the
+        slice to replicas)."""
         ...
 
 
@@ -255,7 +257,8 @@ class MasterEngine:
             with self.tracing.span("fan_out"):
                 results, shared = await self._fan_out(layer, b, slices, timeout_s)
             # 4. Fail over: the slices of unavailable workers, resent to live replicas ->
-            # partial sums [N_w, H] covering every dispatched pair once.
+            # answers ([P_w, H] pair outputs or [N_w, H] partial sums) covering every
+            # dispatched pair once.
             slices, partials = await self._fail_over(layer, work, slices, results, deadline)
         except MoEError as exc:
             if len(b.live) == len(xs):
@@ -263,7 +266,8 @@ class MasterEngine:
             for i in b.live:  # its error; the calls that left it keep their own
                 outcomes[i] = exc
             return _answered(outcomes)
-        # 5. Combine: partial sums + shared -> [T, H] model dtype -> each call's [T_i, H].
+        # 5. Combine: weighted pair outputs in top-k order (or partial sums) + shared ->
+        # [T, H] model dtype -> each call's [T_i, H].
         with self.tracing.span("combine"):
             outs, firsts = self._combine(b, slices, partials, shared)
         self._observe(layer, b.counts)
@@ -355,11 +359,18 @@ class MasterEngine:
         partials: list[torch.Tensor],
         shared: torch.Tensor | None,
     ) -> tuple[list[torch.Tensor], list[int]]:
-        """Step 5: the partial sums [N_w, H] into their rows, plus the shared experts ->
-        (each call's output [T_i, H] in the model dtype, where its reply is built; each
-        call's first non-finite output row, -1 for none)."""
+        """Step 5: the workers' answers into their rows, plus the shared experts -> (each
+        call's output [T_i, H] in the model dtype, where its reply is built; each call's
+        first non-finite output row, -1 for none).
+
+        With model.batch_invariant a token's pair outputs are weighted and added here in
+        its top-k order (dispatch.combine_pairs): the same bits whichever workers computed
+        them, one or several, replicas or not. Otherwise workers' partial sums are added."""
         work = b.work
-        out = combine(b.x.shape[0], b.x.shape[1], slices, partials, work.device)  # [T, H] f32
+        if self.cfg.model.batch_invariant:
+            out = combine_pairs(b.routing.weights, b.x.shape[1], slices, partials, work.device)
+        else:
+            out = combine(b.x.shape[0], b.x.shape[1], slices, partials, work.device)
         if shared is not None:
             out += shared.float().to(work.device)
         # Checked as it will be sent: partial sums finite in float32 can still overflow

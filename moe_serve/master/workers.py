@@ -1,14 +1,16 @@
 """The master's side of the workers: channels to each, health tracking, Forward calls.
 
 A worker on the master's host that has mapped the master's shared region (moe_serve.transport.shm)
-gets its tokens and writes its partial sums in place; every other call carries bytes.
+gets its tokens and writes its outputs in place; every other call carries bytes. A worker
+answers per-token partial sums [N_w, H], or with model.batch_invariant each pair's expert
+output [P_w, H] (the engine then weights and adds them: dispatch.combine_pairs).
 
 The bytes path (what a worker on another host gets) uses `master.worker_channels`
 connections per worker: one HTTP/2 connection moves one large message at a time (its flow
 control windows and a single socket), so a slice larger than `master.worker_chunk_bytes`
 goes as chunks of whole rows, in flight together on different connections: the worker
-computes one chunk while the next is still on the wire. Each chunk's partial sums land in
-one output tensor. Copies of a chunk's rows on the master: the row gather (skipped when a
+computes one chunk while the next is still on the wire. Each chunk's outputs land in one
+output tensor. Copies of a chunk's rows on the master: the row gather (skipped when a
 slice holds every row of the batch, the common case for one worker), one into the message
 bytes (wire.serialize), then gRPC's own into its slices and the kernel's; the reply is read
 in place (wire.parse) and copied once into the output (none when it came in one call).
@@ -101,6 +103,8 @@ class WorkerPool:
         # FP8 dispatch (moe_serve.transport.fp8): rows and partial sums travel as FP8.
         self._fp8 = cfg.master.wire_dtype == "float8_e4m3fn"
         self._max_chunk_rows = cfg.batching.max_batch_tokens
+        # Workers reply one row per pair, for the engine's batch-invariant combine.
+        self.pair_outputs = cfg.model.batch_invariant
         self.healthy = [False] * len(cfg.workers)
         self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
         self.call_timeout_s = cfg.master.worker_timeout_s
@@ -127,7 +131,8 @@ class WorkerPool:
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
-        """Send one worker its slice of a request; return its partial sums [N_w, H]."""
+        """Send one worker its slice of a request; return its partial sums [N_w, H], or
+        with `pair_outputs` its pairs' expert outputs [P_w, H] in the slice's pair order."""
         tokens = sl.token_index.shape[0]
         self.outstanding[sl.worker] += tokens
         try:
@@ -152,12 +157,14 @@ class WorkerPool:
         # token_index holds distinct ascending rows of x: with n of them, all rows in order,
         # and chunk a:b is x[a:b], a view (no gather).
         whole = n == x.shape[0]
-        out = torch.empty((n, x.shape[1]), dtype=x.dtype)
+        out = torch.empty((self._rows(sl), x.shape[1]), dtype=x.dtype)
         calls = [
             asyncio.ensure_future(
-                self._forward_bytes(layer, x, part, timeout_s, out[a:b], x[a:b] if whole else None)
+                self._forward_bytes(
+                    layer, x, part, timeout_s, (out, rows), x[a:b] if whole else None
+                )
             )
-            for a, b, part in chunks
+            for a, b, part, rows in chunks
         ]
         try:
             # The first chunk to fail fails the slice (the engine resends all of it to
@@ -169,15 +176,22 @@ class WorkerPool:
             await asyncio.gather(*calls, return_exceptions=True)
         return out
 
-    def _chunks(self, sl: WorkerSlice, row_bytes: int) -> list[tuple[int, int, WorkerSlice]]:
+    def _rows(self, sl: WorkerSlice) -> int:
+        """Rows of a worker's answer to `sl`: one per pair or one per token."""
+        return sl.pair_expert.shape[0] if self.pair_outputs else sl.token_index.shape[0]
+
+    def _chunks(
+        self, sl: WorkerSlice, row_bytes: int
+    ) -> list[tuple[int, int, WorkerSlice, torch.Tensor | slice]]:
         """`sl` cut into chunks of whole rows for separate bytes calls: (first row, end row,
-        the chunk as a slice of its own). One chunk (`sl` itself) when it is small enough."""
+        the chunk as a slice of its own, the rows of the slice's output it answers). One
+        chunk (`sl` itself) when it is small enough."""
         n = sl.token_index.shape[0]
         rows = n
         if self._chunk_bytes:
             rows = max(1, min(self._chunk_bytes // row_bytes, self._max_chunk_rows))
         if n <= rows:
-            return [(0, n, sl)]
+            return [(0, n, sl, slice(0, self._rows(sl)))]
         # Pairs by row: dispatch's order is token-major already (then this order is the
         # identity); a stable sort keeps each row's pairs as they were, so every chunk's
         # worker sums a row's pairs exactly as it would in one call.
@@ -196,8 +210,11 @@ class WorkerPool:
                 pair_token=token[p:q] - a,
                 pair_expert=sl.pair_expert[pick],
                 pair_weight=sl.pair_weight[pick],
+                pair_index=sl.pair_index[pick],
             )
-            out.append((a, b, part))
+            # The rows it answers, as the output's index (the output is in host memory).
+            answers = pick.cpu() if self.pair_outputs else slice(a, b)
+            out.append((a, b, part, answers))
         return out
 
     async def _forward_bytes(
@@ -206,12 +223,12 @@ class WorkerPool:
         x: torch.Tensor,
         sl: WorkerSlice,
         timeout_s: float,
-        into: torch.Tensor | None = None,
+        into: tuple[torch.Tensor, torch.Tensor | slice] | None = None,
         hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One bytes call for `sl` (its rows `hidden` when the caller has them as a view);
-        its partial sums copied `into` a chunk of the slice's output, or returned as a view
-        of the reply (no copy)."""
+        its output copied `into` (the slice's output, the rows this chunk answers), or
+        returned as a view of the reply (no copy)."""
         pairs = _pairs(sl)
         rows = sl.token_index.shape[0]
         if hidden is None and rows == x.shape[0]:
@@ -222,15 +239,18 @@ class WorkerPool:
             pairs.update(fp8.encode(hidden, "hidden"))
         else:
             pairs["hidden"] = hidden
-        request = serialize(pb.ForwardRequest(layer=layer), pairs)
-        reply = await self._call(sl, layer, request, timeout_s, "bytes")
+        request = pb.ForwardRequest(layer=layer, pair_outputs=self.pair_outputs)
+        reply = await self._call(sl, layer, serialize(request, pairs), timeout_s, "bytes")
         w = self.workers[sl.worker]
         out = self._output(reply, x, w.id)
-        if tuple(out.shape) != (rows, x.shape[1]):
+        if tuple(out.shape) != (self._rows(sl), x.shape[1]):
             raise MoEError(f"worker {w.id} replied with shape {list(out.shape)}")
         if into is None:
             return out
-        return into.copy_(out)
+        whole, at = into
+        if isinstance(at, slice):
+            return whole[at].copy_(out)
+        return whole.index_copy_(0, at, out.to(whole.device))
 
     def _output(self, reply: Any, x: torch.Tensor, worker_id: str) -> torch.Tensor:
         """A Forward reply's partial sums in x's dtype: a view of the reply's bytes, or with
@@ -247,8 +267,9 @@ class WorkerPool:
     ) -> torch.Tensor | None:
         """forward through the shared region; None when it is full or the worker lost it."""
         shape = (sl.token_index.shape[0], x.shape[1])
+        out_shape = (self._rows(sl), x.shape[1])
         nbytes = shape[0] * shape[1] * x.element_size()
-        sizes = (nbytes, nbytes)
+        sizes = (nbytes, out_shape[0] * out_shape[1] * x.element_size())
         blocks = region.lease(*sizes)
         if blocks is None:
             self.metrics.shared_fallbacks.inc()
@@ -268,7 +289,8 @@ class WorkerPool:
             request = pb.ForwardRequest(
                 layer=layer,
                 hidden_shared=region.shared(hidden, x.dtype, shape),
-                output_shared=region.shared(output, x.dtype, shape),
+                output_shared=region.shared(output, x.dtype, out_shape),
+                pair_outputs=self.pair_outputs,
             )
             try:
                 await self._call(sl, layer, serialize(request, _pairs(sl)), timeout_s, "shared")
@@ -279,7 +301,7 @@ class WorkerPool:
                 return None
             # The worker synchronised its writes before replying; copy out before reuse
             # (round_trip's result is a copy).
-            written = region.view(output, x.dtype, shape)
+            written = region.view(output, x.dtype, out_shape)
             out = fp8.round_trip(written) if self._fp8 else written.clone()
             clean = True
             return out

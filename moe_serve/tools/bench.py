@@ -41,7 +41,7 @@ from moe_serve.client import AsyncMoEClient, MoEClient
 from moe_serve.config import WorkerConfig, WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import MoEError
-from moe_serve.layer.dispatch import WorkerSlice, combine, dispatch
+from moe_serve.layer.dispatch import WorkerSlice, combine, combine_pairs, dispatch
 from moe_serve.layer.experts import load_shared, shared_forward
 from moe_serve.layer.gating import Gate
 from moe_serve.master.engine import MasterEngine
@@ -92,8 +92,8 @@ class LocalWorkers:
     """The workers as an ExpertPool in this process: each worker's WorkerEngine called
     directly, its tokens moved to its first device with .to() (no validation, no wire)."""
 
-    def __init__(self, engines: list[WorkerEngine]) -> None:
-        self.engines = engines
+    def __init__(self, engines: list[WorkerEngine], pair_outputs: bool) -> None:
+        self.engines, self.pair_outputs = engines, pair_outputs
         self.healthy = [True] * len(engines)
         self.outstanding = [0] * len(engines)  # calls finish before the next one starts
         self.tls_failures: list[str | None] = [None] * len(engines)  # no TLS in-process
@@ -101,15 +101,18 @@ class LocalWorkers:
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
-        """x [T, H] -> worker `sl.worker`'s partial sums [N_w, H], left on its device (the
-        engine's combine moves them). For a worker on one device nothing here waits for the
+        """x [T, H] -> worker `sl.worker`'s answer (pair outputs [P_w, H] when
+        `pair_outputs`, else partial sums [N_w, H]), left on its device (the engine's
+        combine moves them). For a worker on one device nothing here waits for the
         GPU (kernels are only queued), so the workers' GPUs compute their slices at the same
         time, as the served workers do."""
         engine = self.engines[sl.worker]
         dev = engine.devices[0]
         hidden = x[sl.token_index.to(x.device)].to(dev)
         token, expert, weight = (t.to(dev) for t in (sl.pair_token, sl.pair_expert, sl.pair_weight))
-        return engine.forward(layer, hidden, token, expert, weight, out_device=dev)
+        return engine.forward(
+            layer, hidden, token, expert, weight, out_device=dev, pairs=self.pair_outputs
+        )
 
 
 class InProcessMoE:
@@ -121,7 +124,8 @@ class InProcessMoE:
     def __init__(self, cfg: WorldConfig) -> None:
         self.cfg = cfg
         source = open_weights(cfg.model, cfg.routing)
-        self.workers = LocalWorkers([WorkerEngine(cfg.model, w, source) for w in cfg.workers])
+        engines = [WorkerEngine(cfg.model, w, source) for w in cfg.workers]
+        self.workers = LocalWorkers(engines, cfg.model.batch_invariant)
         self.engine = MasterEngine(cfg, self.workers, MasterMetrics(), source)
         # One event loop for every forward (asyncio.run would build one per call).
         self._loop = asyncio.new_event_loop()
@@ -228,9 +232,9 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
     (wire.serialize with its device -> host copy; wire.parse). h2d: the decoded tokens to
     the worker's device. experts: the worker's batched forward there. d2h_encode: its reply
     (device -> host, serialized). shared_write: the shared-memory path's stand-in for
-    encode + decode + h2d (gather into a device block, synchronised). combine: partial
-    sums into the output. What an end-to-end time adds beyond these is gRPC, scheduling
-    and Python.
+    encode + decode + h2d (gather into a device block, synchronised). combine: the workers'
+    answers (pair outputs or partial sums) into the output. What an end-to-end time adds
+    beyond these is gRPC, scheduling and Python.
     """
     gate, engines = ref.engine.gates[layer], ref.workers.engines
     r = gate(x)
@@ -242,19 +246,33 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
     pairs = {"pair_token": sl.pair_token, "pair_expert": sl.pair_expert}
     pairs["pair_weight"] = sl.pair_weight
     rows = x[sl.token_index]
+    per_pair = ref.workers.pair_outputs
     request = serialize(pb.ForwardRequest(layer=layer), {"hidden": rows, **pairs})
     hidden = tensor_from_pb(parse(pb.ForwardRequest, request).hidden, "hidden")
     on_device = hidden.to(device)
     token, expert, weight = (t.cpu() for t in (sl.pair_token, sl.pair_expert, sl.pair_weight))
 
     def experts() -> torch.Tensor:
-        return engine.forward(layer, on_device, token, expert, weight, out_device=device)
+        return engine.forward(
+            layer, on_device, token, expert, weight, out_device=device, pairs=per_pair
+        )
 
     out = experts()
-    partials = [
-        torch.zeros(s.token_index.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+    answers = [  # each worker's answer: pair outputs or partial sums
+        torch.zeros(
+            (s.pair_expert if per_pair else s.token_index).numel(),
+            x.shape[1],
+            dtype=x.dtype,
+            device=x.device,
+        )
         for s in slices
     ]
+
+    def combined() -> torch.Tensor:
+        if per_pair:
+            return combine_pairs(r.weights, x.shape[1], slices, answers, x.device)
+        return combine(x.shape[0], x.shape[1], slices, answers, x.device)
+
     block = torch.empty_like(rows)
     index = sl.token_index.to(x.device)
 
@@ -271,7 +289,7 @@ def stage_breakdown(ref: InProcessMoE, x: torch.Tensor, layer: int, iters: int) 
         "experts": experts,
         "d2h_encode": lambda: serialize(pb.ForwardResponse(), {"output": out}),
         "shared_write": shared_write,
-        "combine": lambda: combine(x.shape[0], x.shape[1], slices, partials, x.device),
+        "combine": combined,
     }
     return {name: time_calls(fn, iters, 2)["p50_ms"] for name, fn in steps.items()}
 

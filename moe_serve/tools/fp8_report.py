@@ -41,10 +41,13 @@ class WireWorkers:
     through real Forward messages: the master's encoding of its rows (the model dtype, or
     FP8 with `quantized`), wire.serialize and wire.parse, the worker's decode and engine,
     its reply encoded as the worker service encodes it, and the master's decode. `nbytes`
-    counts every request and reply serialized."""
+    counts every request and reply serialized. `pair_outputs`: workers answer each pair's
+    expert output (model.batch_invariant), else per-token partial sums."""
 
-    def __init__(self, engines: Sequence[WorkerEngine], quantized: bool) -> None:
-        self.engines, self.quantized = list(engines), quantized
+    def __init__(
+        self, engines: Sequence[WorkerEngine], quantized: bool, pair_outputs: bool
+    ) -> None:
+        self.engines, self.quantized, self.pair_outputs = list(engines), quantized, pair_outputs
         self.healthy = [True] * len(self.engines)
         self.outstanding = [0] * len(self.engines)
         self.tls_failures: list[str | None] = [None] * len(self.engines)
@@ -53,14 +56,15 @@ class WireWorkers:
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
-        """x [T, H] -> worker `sl.worker`'s partial sums [N_w, H] in x's dtype and device."""
+        """x [T, H] -> worker `sl.worker`'s answer ([P_w, H] pair outputs or [N_w, H] partial
+        sums) in x's dtype and device."""
         engine = self.engines[sl.worker]
         dev = engine.devices[0]
         rows = x[sl.token_index.to(x.device)]
         tensors = {"pair_token": sl.pair_token, "pair_expert": sl.pair_expert}
         tensors["pair_weight"] = sl.pair_weight
         tensors.update(fp8.encode(rows, "hidden") if self.quantized else {"hidden": rows})
-        request = serialize(pb.ForwardRequest(layer=layer), tensors)
+        request = serialize(pb.ForwardRequest(layer=layer, pair_outputs=self.pair_outputs), tensors)
         got = parse(pb.ForwardRequest, request)
         hidden = tensor_from_pb(got.hidden, "hidden", rank=2)
         if self.quantized:
@@ -70,7 +74,9 @@ class WireWorkers:
             tensor_from_pb(getattr(got, f), f, rank=1).to(dev)
             for f in ("pair_token", "pair_expert", "pair_weight")
         )
-        out = engine.forward(layer, hidden.to(dev), token, expert, weight, out_device=dev)
+        out = engine.forward(
+            layer, hidden.to(dev), token, expert, weight, out_device=dev, pairs=got.pair_outputs
+        )
         answer = fp8.encode(out, "output") if self.quantized else {"output": out}
         reply = serialize(pb.ForwardResponse(), answer)
         self.nbytes += len(request) + len(reply)
@@ -114,7 +120,8 @@ def fp8_report(
     source = open_weights(cfg.model, cfg.routing)
     if engines is None:
         engines = [WorkerEngine(cfg.model, w, source) for w in cfg.workers]
-    plain, quantized = WireWorkers(engines, False), WireWorkers(engines, True)
+    pairs = cfg.model.batch_invariant
+    plain, quantized = WireWorkers(engines, False, pairs), WireWorkers(engines, True, pairs)
     engine = MasterEngine(cfg, plain, MasterMetrics(), source)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, cfg.model.hidden_size, generator=g)

@@ -131,7 +131,7 @@ class MasterInfo(_message.Message):
     def __init__(self, hidden_size: _Optional[int] = ..., expert_ffn_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., expert_kind: _Optional[str] = ..., activation: _Optional[str] = ..., dtype: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., scoring: _Optional[str] = ..., normalize_topk: _Optional[bool] = ..., capacity_factor: _Optional[float] = ..., max_request_tokens: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("layer", "hidden", "pair_token", "pair_expert", "pair_weight", "hidden_shared", "output_shared", "hidden_scale")
+    __slots__ = ("layer", "hidden", "pair_token", "pair_expert", "pair_weight", "hidden_shared", "output_shared", "hidden_scale", "pair_outputs")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PAIR_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class ForwardRequest(_message.Message):
     HIDDEN_SHARED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHARED_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SCALE_FIELD_NUMBER: _ClassVar[int]
+    PAIR_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     hidden: Tensor
     pair_token: Tensor
@@ -148,7 +149,8 @@ class ForwardRequest(_message.Message):
     hidden_shared: SharedTensor
     output_shared: SharedTensor
     hidden_scale: Tensor
-    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_token: _Optional[_Union[Tensor, _Mapping]] = ..., pair_expert: _Optional[_Union[Tensor, _Mapping]] = ..., pair_weight: _Optional[_Union[Tensor, _Mapping]] = ..., hidden_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    pair_outputs: bool
+    def __init__(self, layer: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_token: _Optional[_Union[Tensor, _Mapping]] = ..., pair_expert: _Optional[_Union[Tensor, _Mapping]] = ..., pair_weight: _Optional[_Union[Tensor, _Mapping]] = ..., hidden_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., output_shared: _Optional[_Union[SharedTensor, _Mapping]] = ..., hidden_scale: _Optional[_Union[Tensor, _Mapping]] = ..., pair_outputs: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("output", "output_scale")

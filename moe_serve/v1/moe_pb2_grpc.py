@@ -232,7 +232,8 @@ class ExpertWorkerServicer:
     """
 
     def Forward(self, request, context):
-        """Weighted sum of this worker's experts for each token sent.
+        """Weighted sum of this worker's experts for each token sent (or, with pair_outputs,
+        each pair's expert output).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

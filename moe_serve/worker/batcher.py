@@ -20,6 +20,7 @@ import torch
 
 from moe_serve.batching import Batcher, TokenBudget
 from moe_serve.config import BatchingConfig
+from moe_serve.layer.rowwise import ordered_sum
 from moe_serve.metrics import Children, WorkerMetrics
 from moe_serve.tracing import NO_TRACING, WORKER_PASS, Tracing
 from moe_serve.worker.engine import WorkerEngine
@@ -36,6 +37,7 @@ class _Call:
     pair_token: torch.Tensor  # [P] int32
     pair_expert: torch.Tensor  # [P] int32
     pair_weight: torch.Tensor  # [P] float32
+    pairs: bool  # reply with each pair's expert output [P, H], not per-token sums [N, H]
 
     @property
     def tokens(self) -> int:
@@ -87,13 +89,15 @@ class DynamicBatcher:
         pair_token: torch.Tensor,
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
+        pairs: bool = False,
     ) -> torch.Tensor:
-        """Queue one validated call; resolve to its partial sums [N, H].
+        """Queue one validated call; resolve to its partial sums [N, H] (with `pairs`: its
+        pairs' expert outputs [P, H]).
 
         RequestTooLargeError (RESOURCE_EXHAUSTED) when what is held would exceed
         batching.max_queue_tokens, each call counting max(tokens, (token, expert) pairs)
         (a lone call always runs; `WorkerEngine.validate` bounds its pairs)."""
-        call = _Call(hidden, pair_token, pair_expert, pair_weight)
+        call = _Call(hidden, pair_token, pair_expert, pair_weight, pairs)
         held = max(call.tokens, pair_token.shape[0])
         return await self._batcher.submit(call, layer, call.tokens, held)
 
@@ -120,12 +124,29 @@ class DynamicBatcher:
         start = time.perf_counter()
         # Outputs stay on the engine's device: the reply's encoder stages them through pinned
         # memory, and a shared-memory target on a GPU takes them device to device.
+        device = self.engine.devices[0]
+        wanted = {c.pairs for c in calls}
         with self.tracing.span("expert_forward"):
             out = self.engine.forward(
-                layer, hidden, token, expert, weight, out_device=self.engine.devices[0]
+                layer, hidden, token, expert, weight, out_device=device, pairs=True in wanted
             )
         self._observe(layer, expert, sum(sizes), len(calls), time.perf_counter() - start)
-        return [out] if len(calls) == 1 else list(out.split(sizes))
+        if len(calls) == 1:
+            return [out]
+        if wanted == {False}:
+            return list(out.split(sizes))
+        # Pair outputs for every call; a call that wants per-token sums (a batch with calls
+        # of masters of both settings) gets its own summed here, in its pairs' order.
+        counts = [c.pair_token.shape[0] for c in calls]
+        results = []
+        for c, y in zip(calls, out.split(counts), strict=True):
+            if not c.pairs:
+                t = c.pair_token.to(device).long()
+                w = c.pair_weight.to(device).unsqueeze(1)
+                y = ordered_sum(c.tokens, t, y.float() * w, self.engine.model.batch_invariant)
+                y = y.to(self.engine.dtype)
+            results.append(y)
+        return results
 
     def _observe(
         self, layer: int, expert: torch.Tensor, tokens: int, calls: int, seconds: float

@@ -1,7 +1,8 @@
 """A worker's experts pinned on its devices, and the batched forward over them.
 
 The engine knows nothing about gating or the network: it receives tokens with
-(expert, weight) pairs and returns one weighted partial sum per token.
+(expert, weight) pairs and returns one weighted partial sum per token, or each pair's
+expert output for the master to weight and sum (model.batch_invariant).
 Legend: N tokens, P (token, expert) pairs, H hidden size, E experts of the model.
 """
 
@@ -16,7 +17,7 @@ import torch
 from moe_serve.config import ModelConfig, WorkerConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import InvalidRequestError
-from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward
+from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward, pair_forward
 from moe_serve.layer.placement import device_assignment
 from moe_serve.weights import WeightSource
 
@@ -200,13 +201,15 @@ class WorkerEngine:
         pair_expert: torch.Tensor,
         pair_weight: torch.Tensor,
         out_device: torch.device | str = "cpu",
+        pairs: bool = False,
     ) -> torch.Tensor:
         """hidden [N, H] (any device), pairs [P] (validated) -> partial sums [N, H] in the
-        model dtype on `out_device`.
+        model dtype on `out_device`; with `pairs`, each pair's expert output [P, H]
+        unweighted (pair_weight unused), in the pairs' order.
 
-        Per-device partials are summed on the first device used, then copied once to
-        `out_device`. With one device (the common case) nothing on the way syncs the host
-        when the grouped GEMM runs.
+        Per-device partials are summed on the first device used (per-device pair outputs
+        land in their rows there), then copied once to `out_device`. With one device (the
+        common case) nothing on the way syncs the host when the grouped GEMM runs.
         """
         stacks = [(d, s) for d, s in enumerate(self.stacks[layer]) if s is not None]
         expert = pair_expert.long()
@@ -216,6 +219,7 @@ class WorkerEngine:
         out: torch.Tensor | None = None
         for d, stack in stacks:
             dev = stack.device
+            sel = None
             if len(stacks) == 1:
                 t, sl, w = token, slot, weight
             else:
@@ -226,15 +230,25 @@ class WorkerEngine:
                 t, sl, w = token[sel], slot[sel], weight[sel]
             # The whole [N, H] block moves: picking only this device's rows would need
             # the distinct tokens on the host first (a sync), to save at most a copy.
-            args = (hidden.to(dev, self.dtype), t.to(dev), sl.to(dev), w.to(dev))
+            h, t, sl = hidden.to(dev, self.dtype), t.to(dev), sl.to(dev)
             graphs = self.graphs[layer][d]
             if graphs is not None and graphs.fits(hidden.shape[0], t.shape[0]):
-                part = graphs(*args)
+                part = graphs(h, t, sl, w.to(dev), pairs=pairs)
+            elif pairs:
+                part = pair_forward(stack, h, t, sl)
             else:
-                part = grouped_forward(stack, *args)
-            out = part if out is None else out.add_(part.to(out.device))
+                part = grouped_forward(stack, h, t, sl, w.to(dev))
+            if pairs and sel is not None:  # this device's rows of the [P, H] output
+                if out is None:
+                    out = torch.zeros(
+                        (token.shape[0], hidden.shape[1]), dtype=self.dtype, device=dev
+                    )
+                out[sel.to(out.device)] = part.to(out.device)
+            else:
+                out = part if out is None else out.add_(part.to(out.device))
         if out is None:
-            out = torch.zeros(hidden.shape, dtype=torch.float32)
+            rows = token.shape[0] if pairs else hidden.shape[0]
+            out = torch.zeros((rows, hidden.shape[1]), dtype=torch.float32)
         return out.to(out_device, self.dtype)
 
     def _tables(self, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,16 +57,23 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
                 peer = context.peer()
                 inputs = self._decode(request, peer)
                 target = self._output_view(request, peer)
-                if target is not None and target.shape != inputs[0].shape:
+                hidden, token, expert, weight = inputs
+                if request.pair_outputs:
+                    rows, what = token.shape[0], "one row per pair"
+                else:
+                    rows, what = hidden.shape[0], "as hidden"
+                expected = [rows, hidden.shape[1]]
+                if target is not None and list(target.shape) != expected:
                     raise InvalidRequestError(
-                        "output_shared.shape",
-                        f"{list(target.shape)}; expected {list(inputs[0].shape)} (as hidden)",
+                        "output_shared.shape", f"{list(target.shape)}; expected {expected} ({what})"
                     )
             if self.tracing.on:
-                self.tracing.set("moe_serve.tokens", inputs[0].shape[0])
-                self.tracing.set("moe_serve.pairs", inputs[1].shape[0])
+                self.tracing.set("moe_serve.tokens", hidden.shape[0])
+                self.tracing.set("moe_serve.pairs", token.shape[0])
                 self.tracing.set("moe_serve.transport", "bytes" if target is None else "shared")
-            out = await self.batcher.submit(request.layer, *inputs)
+            out = await self.batcher.submit(
+                request.layer, hidden, token, expert, weight, pairs=request.pair_outputs
+            )
         except MoEError as exc:
             self._requests(exc.code.name).inc()
             raise
@@ -77,7 +84,8 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
     def _encode(
         self, request: pb.ForwardRequest, out: torch.Tensor, target: torch.Tensor | None
     ) -> bytes | pb.ForwardResponse:
-        """The reply: the partial sums as bytes, or written into the master's shared block."""
+        """The reply: the partial sums (or pair outputs) as bytes, or written into the
+        master's shared block."""
         if target is None:
             # The reply comes in the format the request came in (FP8 dispatch).
             fp8_reply = request.hidden.dtype == pb.DTYPE_FLOAT8_E4M3
@@ -110,7 +118,9 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         )
         return pb.AttachRegionReply(attached=True)
 
-    def _decode(self, request: pb.ForwardRequest, peer: str) -> tuple[torch.Tensor, ...]:
+    def _decode(
+        self, request: pb.ForwardRequest, peer: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.engine
         if request.layer not in e.stacks:
             raise InvalidRequestError(
