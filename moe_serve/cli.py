@@ -57,6 +57,53 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--address", help="host:port to check (default: the master of --config)")
     h.add_argument("--config", type=Path, help="world config whose security.tls to dial with")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    r = sub.add_parser(
+        "reload", help="make the running master(s) and workers re-read the world config"
+    )
+    r.add_argument(
+        "--config",
+        required=True,
+        type=Path,
+        help="world config YAML, as the servers will read it (checked here first)",
+    )
+    r.add_argument(
+        "--master",
+        action="append",
+        help="a master's host:port; repeat per master (default: the config's master.listen)",
+    )
+    r.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for each server's reload, experts loaded (default: 120)",
+    )
+    rb = sub.add_parser(
+        "rebalance", help="re-place experts by the load a master observed, and apply it"
+    )
+    rb.add_argument("--config", required=True, type=Path, help="world config YAML in service")
+    rb.add_argument(
+        "--metrics", required=True, help="the master's metrics URL, e.g. http://10.0.0.10:9400"
+    )
+    rb.add_argument(
+        "--replicas",
+        type=_at_least(0),
+        default=1,
+        help="extra copies of the hottest experts per layer (default: 1)",
+    )
+    rb.add_argument(
+        "--out",
+        type=Path,
+        help="write the new world config here and apply nothing (default: replace --config, "
+        "keeping the old one as CONFIG.bak, and reload the servers)",
+    )
+    rb.add_argument(
+        "--dry-run", action="store_true", help="plan and report only; write and apply nothing"
+    )
+    rb.add_argument(
+        "--master",
+        action="append",
+        help="a master's host:port to reload; repeat per master (default: master.listen)",
+    )
     from moe_serve.tools.planner import add_arguments  # stdlib imports only: cheap
 
     add_arguments(sub.add_parser("placement", help="plan a world config from a checkpoint"))
@@ -115,12 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from moe_serve.config import load_config
             from moe_serve.worker.server import main as worker_main
 
-            worker_main(load_config(args.config), args.worker_id)
+            worker_main(load_config(args.config), args.worker_id, args.config)
         elif args.command == "master":
             from moe_serve.config import load_config
             from moe_serve.master.server import main as master_main
 
-            master_main(load_config(args.config))
+            master_main(load_config(args.config), args.config)
         elif args.command == "up":
             return _up(args.config)
         elif args.command == "demo":
@@ -143,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "health":
             return _health(args.address, args.config, args.timeout)
+        elif args.command == "reload":
+            from moe_serve.tools.reload import main as reload_main
+
+            return reload_main(args)
+        elif args.command == "rebalance":
+            from moe_serve.tools.rebalance import main as rebalance_main
+
+            return rebalance_main(args)
         elif args.command == "placement":
             from moe_serve.tools.planner import main as placement_main
 

@@ -301,6 +301,15 @@ class MasterConfig(_Frozen):
         "`max_request_tokens × hidden_size × 4` bytes (a float32 request at the token "
         "limit), else the config is rejected.",
     )
+    reload_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="After a reload (SIGHUP or `moe-serve reload`): how long a worker keeps "
+        "serving the experts the new config took from it, so that requests keep flowing "
+        "while their new holders load them (set it above the slowest expert load), and the "
+        "longest a master waits for a removed worker's calls in flight before closing its "
+        "connections.",
+    )
     worker_timeout_s: float = Field(
         30.0,
         gt=0,

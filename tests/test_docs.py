@@ -125,7 +125,7 @@ def test_config_tables_cover_every_section_and_key() -> None:
         "workers[]",
     }
     rows = sum(len(m.model_fields) for m in sections.values())
-    assert len(re.findall(r"(?m)^\| `\w+` \|", text)) == rows == 64
+    assert len(re.findall(r"(?m)^\| `\w+` \|", text)) == rows == 65
 
 
 def test_the_config_table_types_and_defaults_come_from_the_annotations() -> None:

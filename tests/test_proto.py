@@ -32,9 +32,15 @@ def test_services_live_in_package_moe_serve_v1() -> None:
     services = moe_pb2.DESCRIPTOR.services_by_name
     assert moe_pb2.DESCRIPTOR.package == "moe_serve.v1"
     assert set(services) == {"MoEMaster", "ExpertWorker"}
-    assert {m.name for m in services["MoEMaster"].methods} == {"Infer", "GetInfo", "AttachRegion"}
+    assert {m.name for m in services["MoEMaster"].methods} == {
+        "Infer",
+        "GetInfo",
+        "AttachRegion",
+        "Reload",
+    }
     assert {m.name for m in services["ExpertWorker"].methods} == {
         "Forward",
         "AttachRegion",
         "GetInfo",
+        "Reload",
     }

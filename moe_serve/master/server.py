@@ -12,6 +12,7 @@ import gc
 import logging
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import torch
@@ -215,8 +216,9 @@ async def serve(cfg: WorldConfig) -> None:
     await master.stop()
 
 
-def main(cfg: WorldConfig) -> None:
-    """Entry point of `moe-serve master`."""
+def main(cfg: WorldConfig, config_path: Path | None = None) -> None:
+    """Entry point of `moe-serve master`. `config_path`: the file `cfg` came from, re-read on
+    SIGHUP and MoEMaster.Reload."""
     check_devices_exist((cfg.master.device,), "master.device")
     load_tokens(cfg.security)  # an unset token variable is a ConfigError before anything starts
     check_tls(cfg.security.tls)  # so is an unreadable or mismatched certificate file

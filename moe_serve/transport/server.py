@@ -355,12 +355,28 @@ async def set_serving(health: HealthServicer, full_name: str, serving: bool) -> 
         await health.set(name, status)
 
 
-async def wait_for_signal() -> None:
-    """Return on SIGTERM or SIGINT."""
+async def wait_for_signal(on_reload: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Return on SIGTERM or SIGINT. With `on_reload`, each SIGHUP runs it as a task on this
+    loop (one at a time: a SIGHUP during a reload runs it once more after)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_reload is not None:
+        lock = asyncio.Lock()
+
+        async def reload() -> None:
+            async with lock:
+                await on_reload()
+
+        tasks: set[asyncio.Task[None]] = set()
+
+        def hup() -> None:
+            task = loop.create_task(reload())
+            tasks.add(task)  # a reference until done: the loop keeps only weak ones
+            task.add_done_callback(tasks.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, hup)
     await stop.wait()
 
 

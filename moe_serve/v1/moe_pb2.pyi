@@ -214,16 +214,28 @@ class AttachRegionReply(_message.Message):
     reason: str
     def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadReply(_message.Message):
+    __slots__ = ("summary",)
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    summary: str
+    def __init__(self, summary: _Optional[str] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "devices", "placement", "hidden_size", "dtype")
+    __slots__ = ("id", "devices", "placement", "hidden_size", "dtype", "retiring")
     ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_FIELD_NUMBER: _ClassVar[int]
     id: str
     devices: _containers.RepeatedScalarFieldContainer[str]
     placement: _containers.RepeatedCompositeFieldContainer[LayerExperts]
     hidden_size: int
     dtype: str
-    def __init__(self, id: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., placement: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    retiring: _containers.RepeatedCompositeFieldContainer[LayerExperts]
+    def __init__(self, id: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., placement: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., retiring: _Optional[_Iterable[_Union[LayerExperts, _Mapping]]] = ...) -> None: ...

@@ -52,6 +52,11 @@ class MoEMasterStub:
                 request_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.SerializeToString,
                 response_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/moe_serve.v1.MoEMaster/Reload',
+                request_serializer=moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_v1_dot_moe__pb2.ReloadReply.FromString,
+                _registered_method=True)
 
 
 class MoEMasterServicer:
@@ -82,6 +87,16 @@ class MoEMasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read the master's world config file and apply the difference, as SIGHUP does
+        (`moe-serve reload`). INVALID_ARGUMENT naming the field for a config that does not
+        validate, FAILED_PRECONDITION for a change that needs a restart; the old world keeps
+        serving either way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MoEMasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +114,11 @@ def add_MoEMasterServicer_to_server(servicer, server):
                     servicer.AttachRegion,
                     request_deserializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionRequest.FromString,
                     response_serializer=moe__serve_dot_v1_dot_moe__pb2.AttachRegionReply.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.FromString,
+                    response_serializer=moe__serve_dot_v1_dot_moe__pb2.ReloadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +215,33 @@ class MoEMaster:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.MoEMaster/Reload',
+            moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.SerializeToString,
+            moe__serve_dot_v1_dot_moe__pb2.ReloadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ExpertWorkerStub:
     """---------------------------------------------------------------- worker ---
@@ -222,6 +269,11 @@ class ExpertWorkerStub:
                 '/moe_serve.v1.ExpertWorker/GetInfo',
                 request_serializer=moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=moe__serve_dot_v1_dot_moe__pb2.WorkerInfo.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/moe_serve.v1.ExpertWorker/Reload',
+                request_serializer=moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=moe__serve_dot_v1_dot_moe__pb2.ReloadReply.FromString,
                 _registered_method=True)
 
 
@@ -254,6 +306,15 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-read this worker's entry in its world config file: load the experts it newly holds,
+        keep serving the ones it lost for master.reload_grace_s, then free them (as SIGHUP
+        does). Errors as MoEMaster.Reload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +332,11 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.FromString,
                     response_serializer=moe__serve_dot_v1_dot_moe__pb2.WorkerInfo.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.FromString,
+                    response_serializer=moe__serve_dot_v1_dot_moe__pb2.ReloadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +423,33 @@ class ExpertWorker:
             '/moe_serve.v1.ExpertWorker/GetInfo',
             moe__serve_dot_v1_dot_moe__pb2.GetInfoRequest.SerializeToString,
             moe__serve_dot_v1_dot_moe__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.ExpertWorker/Reload',
+            moe__serve_dot_v1_dot_moe__pb2.ReloadRequest.SerializeToString,
+            moe__serve_dot_v1_dot_moe__pb2.ReloadReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 from moe_serve.config import WorkerConfig, WorldConfig, check_devices_exist, parse_address
@@ -184,8 +185,9 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
     await server.stop(grace)
 
 
-def main(cfg: WorldConfig, worker_id: str) -> None:
-    """Entry point of `moe-serve worker`."""
+def main(cfg: WorldConfig, worker_id: str, config_path: Path | None = None) -> None:
+    """Entry point of `moe-serve worker`. `config_path`: the file `cfg` came from, re-read on
+    SIGHUP and ExpertWorker.Reload."""
     cfg.worker(worker_id)  # an unknown id is a ConfigError before anything starts
     load_worker_token(cfg.security)  # an unset token variable too
     check_tls(cfg.security.tls)  # and an unreadable or mismatched certificate file
