@@ -36,7 +36,8 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -89,6 +90,38 @@ DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
 # clients of a process dialling the same address (their regions then compete for one
 # connection's cap, shm.PER_PEER_REGIONS).
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def _balanced(target: str) -> list[tuple[str, str]]:
+    """A name that resolves to several masters (`dns:///masters.example:50051`) is balanced
+    over all of them by gRPC itself; its default policy would pin every call to the first."""
+    return [("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else []
+
+
+# With several masters: one that failed a call is tried last for this long (it is still
+# tried when no other is up), so that calls do not keep knocking on a dead master first.
+MASTER_DOWN_S = 1.0
+# With several masters and every one of them failing a call: the pause before the next
+# round, doubled each round up to RETRY_PAUSE_MAX_S, within the call's deadline. A call
+# without a deadline gives up after MAX_ROUNDS_WITHOUT_DEADLINE rounds.
+RETRY_PAUSE_S = 0.05
+RETRY_PAUSE_MAX_S = 1.0
+MAX_ROUNDS_WITHOUT_DEADLINE = 3
+
+
+def master_targets(address: str | Sequence[str]) -> list[str]:
+    """The masters a client dials: `address` as a list, or one string with commas
+    ("h1:50051,h2:50051"); each a "host:port" or a gRPC target such as
+    "dns:///masters.example:50051" (every address the name resolves to).
+
+    ValueError naming `address` when no master is given."""
+    parts = address.split(",") if isinstance(address, str) else list(address)
+    if not all(isinstance(t, str) for t in parts):
+        raise ValueError(f"address: expected host:port strings, got {address!r}")
+    targets = [t.strip() for t in parts if t.strip()]
+    if not targets:
+        raise ValueError(f"address: expected at least one master host:port, got {address!r}")
+    return targets
 
 
 class MoEServeError(Exception):
@@ -338,7 +371,7 @@ def _info(msg: pb.MasterInfo) -> ServiceInfo:
 # Phrases of a connection that failed before any call reached a server, as gRPC words them
 # (grpcio 1.84/1.85; matched lower-case). Only the hint depends on them: the code and the
 # original details are kept whatever gRPC says.
-_CONNECT_FAILED = "failed to connect to all addresses"
+_CONNECT_FAILED = ("failed to connect to all addresses", "connections to all backends failing")
 _CLOSED = "socket closed"
 _PLAINTEXT_PEER = "wrong_version_number"  # a TLS client's hello answered in plaintext
 _HANDSHAKE = ("handshake", "verification check failed", "ssl_error")
@@ -352,7 +385,7 @@ def _tls_hint(details: str, address: str, tls: ClientTLS | None) -> str | None:
     and which side this client took.
     """
     low = details.lower()
-    if _CONNECT_FAILED not in low:
+    if not any(words in low for words in _CONNECT_FAILED):
         return None  # a call that reached the server: not a set-up failure
     if tls is None:
         if _CLOSED in low or any(word in low for word in _HANDSHAKE):
@@ -384,22 +417,145 @@ def _tls_hint(details: str, address: str, tls: ClientTLS | None) -> str | None:
     return None
 
 
+def _retryable(exc: grpc.RpcError) -> bool:
+    """Whether another master may answer a call that failed with `exc`: the master was
+    unreachable or dropped the call (UNAVAILABLE or CANCELLED from gRPC itself, no reason),
+    or it is draining. Not a master's own verdict on the call (INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE for lack of a live worker: every
+    master sees the same workers)."""
+    code, reason = exc.code(), reason_of(exc)
+    if reason == Reason.DRAINING:
+        return True
+    return reason is None and code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class _Masters:
+    """The masters of a client and which one a call tries next: round robin, a master that
+    failed a call within MASTER_DOWN_S put last. No I/O; the clients send."""
+
+    def __init__(self, targets: list[str]) -> None:
+        self.targets = targets
+        # Retry on another master: with several targets, or a name that may resolve to
+        # several (gRPC then picks another of its addresses for the retry).
+        self.failover = len(targets) > 1 or any(t.startswith("dns:") for t in targets)
+        # Read and written from any thread of a sync client without a lock: a lost update
+        # only changes which master a call tries first.
+        self._next = 0
+        self._down_until = [0.0] * len(targets)
+
+    def order(self) -> list[int]:
+        """The masters one round of a call tries, in order."""
+        n = len(self.targets)
+        start, self._next = self._next, (self._next + 1) % n
+        rotated = [(start + j) % n for j in range(n)]
+        now = time.monotonic()
+        return sorted(rotated, key=lambda i: self._down_until[i] > now)  # stable: up first
+
+    def failed(self, index: int) -> None:
+        self._down_until[index] = time.monotonic() + MASTER_DOWN_S
+
+
+class _Attempts:
+    """The tries of one call (no I/O): `next()` names the master and the time left for it,
+    `failed()` says whether to go on; rounds over every master until the deadline, with a
+    growing pause between rounds."""
+
+    def __init__(self, masters: _Masters, timeout: float | None) -> None:
+        self._masters, self._timeout = masters, timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._queue: list[int] = []
+        self._rounds = 0
+        self._pause = 0.0
+        self.last: tuple[int, grpc.RpcError] | None = None
+
+    def next(self) -> tuple[int, float | None, float]:
+        """(master index, timeout for its call, seconds to wait before it). Raises the last
+        failure (`LookupError` carrying it) when no try is left."""
+        if not self._queue:
+            if self._rounds and (
+                not self._masters.failover
+                or (self._deadline is None and self._rounds >= MAX_ROUNDS_WITHOUT_DEADLINE)
+            ):
+                raise LookupError(self.last)
+            self._pause = (
+                0.0
+                if not self._rounds
+                else min(RETRY_PAUSE_S * 2 ** (self._rounds - 1), RETRY_PAUSE_MAX_S)
+            )
+            self._rounds += 1
+            self._queue = self._masters.order()
+        pause, self._pause = self._pause, 0.0
+        left = None
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic() - pause
+            if left <= 0 and self.last is not None:
+                raise LookupError(self.last)
+            left = max(left, 0.001)
+        return self._queue.pop(0), left, pause
+
+    def again(self, index: int) -> None:
+        """Try master `index` once more, next (its shared region was refused: bytes now)."""
+        self._queue.insert(0, index)
+
+    def failed(self, index: int, exc: grpc.RpcError) -> bool:
+        """Note a failed try; True when another master should get the call."""
+        self.last = (index, exc)
+        if not (self._masters.failover and _retryable(exc)):
+            return False
+        self._masters.failed(index)
+        log.info(
+            "master %s failed a call (%s: %s); trying another",
+            self._masters.targets[index],
+            exc.code().name,
+            exc.details(),
+        )
+        return True
+
+
+def _tries(core: _Core, attempts: _Attempts) -> Iterator[tuple[int, float | None]]:
+    """Each try of a blocking call: (master index, the timeout of its call), sleeping between
+    rounds; MoEServeError of the last failure when no try is left."""
+    while True:
+        try:
+            index, left, pause = attempts.next()
+        except LookupError as exc:
+            raise core.gave_up(exc) from None
+        if pause:
+            time.sleep(pause)
+        yield index, left
+
+
+async def _async_tries(core: _Core, attempts: _Attempts) -> AsyncIterator[tuple[int, float | None]]:
+    """`_tries` for the asyncio client."""
+    while True:
+        try:
+            index, left, pause = attempts.next()
+        except LookupError as exc:
+            raise core.gave_up(exc) from None
+        if pause:
+            await asyncio.sleep(pause)
+        yield index, left
+
+
 class _Core:
-    """What both clients share, without I/O: the address and credentials they dial, the
+    """What both clients share, without I/O: the masters and credentials they dial, the
     shared-memory path and the translation of a failed call into MoEServeError."""
 
     def __init__(
         self,
-        address: str,
+        targets: list[str],
         shared_memory_bytes: int,
         token: str | None,
         tls: ClientTLS | None,
         embedded: EmbeddedMaster | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
-        self.address, self.tls = address, tls
+        self.masters, self.tls = _Masters(targets), tls
+        self.address = ",".join(targets)
         self.metadata = metadata(token)
-        self.shared = _SharedPath(shared_memory_bytes)
+        # A master maps a client's region for the connection that attached it: with calls
+        # spread over several masters, tensors go as bytes.
+        self.shared = _SharedPath(0 if self.masters.failover else shared_memory_bytes)
         # The embedded transport: calls go to this in-process master instead of a channel.
         self.embedded = embedded
         self.tracing = tracing
@@ -435,7 +591,7 @@ class _Core:
             )
         except MoEError as exc:
             raise _moe_error(exc) from None
-        return cls("embedded", 0, None, None, embedded=master, tracing=master.tracing)
+        return cls(["embedded"], 0, None, None, embedded=master, tracing=master.tracing)
 
     def submit(
         self, x: torch.Tensor, layer: int, return_routing: bool, timeout: float | None
@@ -474,15 +630,29 @@ class _Core:
         """One Infer call's requests and result (checks x now)."""
         return _InferCall(self, x, layer, return_routing)
 
-    def error(self, exc: grpc.RpcError) -> MoEServeError:
-        """The MoEServeError of a failed call: its code, its message (with the TLS hint for a
-        connection refused during set-up) and its reason."""
+    def attempts(self, timeout: float | None) -> _Attempts:
+        """The tries of one call over the masters, within `timeout`."""
+        return _Attempts(self.masters, timeout)
+
+    def error(self, exc: grpc.RpcError, index: int = 0) -> MoEServeError:
+        """The MoEServeError of a call that failed at master `index`: its code, its message
+        (with the TLS hint for a connection refused during set-up; with several masters,
+        which one answered last) and its reason."""
         code, details, reason = exc.code(), exc.details() or "", reason_of(exc)
+        target = self.masters.targets[index]
         if code == grpc.StatusCode.UNAVAILABLE and reason is None:
-            hint = _tls_hint(details, self.address, self.tls)
+            hint = _tls_hint(details, target, self.tls)
             if hint is not None:
                 details = f"{hint}. gRPC: {details}"
+        if self.masters.failover and _retryable(exc):
+            n = len(self.masters.targets)
+            details = f"no master answered ({n} tried; last, {target}: {details})"
         return MoEServeError(code, details, reason)
+
+    def gave_up(self, exc: LookupError) -> MoEServeError:
+        """The MoEServeError of a call whose tries ran out (`_Attempts.next`)."""
+        index, last = exc.args[0]
+        return self.error(last, index)
 
 
 class _InferCall:
@@ -524,13 +694,13 @@ class _InferCall:
             if lease is not None:
                 self._core.shared.end(lease, clean=True)
 
-    def refused(self, exc: grpc.RpcError) -> None:
-        """Raise `exc` as MoEServeError, unless it refused this call's shared region
-        (Reason.REGION_NOT_ATTACHED): then the region is offered again on a later call and
-        this one goes on as bytes."""
+    def refused(self, exc: grpc.RpcError, index: int = 0) -> None:
+        """Raise `exc` (from master `index`) as MoEServeError, unless it refused this call's
+        shared region (Reason.REGION_NOT_ATTACHED): then the region is offered again on a
+        later call and this one goes on as bytes."""
         lease, self._lease = self._lease, None
         if lease is None:
-            raise self._core.error(exc) from None
+            raise self._core.error(exc, index) from None
         lost = _region_lost(exc)
         if lost:
             self._core.shared.lost()
@@ -538,7 +708,7 @@ class _InferCall:
         # it writing into them (they are quarantined).
         self._core.shared.end(lease, clean=lost)
         if not lost:
-            raise self._core.error(exc) from None
+            raise self._core.error(exc, index) from None
 
     def close(self) -> None:
         """Give back a block still leased: the call ended without a reply or a status."""
@@ -560,7 +730,7 @@ class MoEClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
@@ -568,12 +738,20 @@ class MoEClient:
         tls: ClientTLS | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """`address`: one master "host:port", or several (a list, or "h1:50051,h2:50051",
+        or a "dns:///name:port" target resolving to several): calls are spread over them,
+        and a call that finds one unavailable (or draining, or dropped mid-call) is sent to
+        another within `timeout`. Shared memory is used with one master only."""
         self.timeout = timeout
         tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
-        self._core = _Core(address, shared_memory_bytes, token, tls, tracing=tracing)
-        self._channel = channel(address, tls, message_options(max_message_bytes) + _OWN_CONNECTION)
-        self._stub = pb_grpc.MoEMasterStub(self._channel)
-        self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
+        targets = master_targets(address)
+        self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
+        options = message_options(max_message_bytes) + _OWN_CONNECTION
+        self._channels = [channel(t, tls, options + _balanced(t)) for t in targets]
+        self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
+        self._infers = [
+            unary_call(c, "MoEMaster", "Infer", pb.InferResponse) for c in self._channels
+        ]
         self._attaching = threading.Lock()  # one offer, however many threads are waiting
 
     @classmethod
@@ -664,13 +842,18 @@ class MoEClient:
         with self._core.call(x, layer, return_routing) as call:
             if call.offers_region:
                 self._attach(call.flat, timeout)
-            while True:  # at most twice: shared memory, then bytes
+            attempts = self._core.attempts(timeout)
+            for i, left in _tries(self._core, attempts):
                 try:
-                    reply = self._infer(call.request(), timeout=timeout, metadata=md)
+                    reply = self._infers[i](call.request(), timeout=left, metadata=md)
                 except grpc.RpcError as exc:
-                    call.refused(exc)
+                    if attempts.failed(i, exc):
+                        continue  # another master
+                    call.refused(exc, i)  # raises, unless the region was refused:
+                    attempts.again(i)  # then the same master, as bytes
                 else:
                     return call.result(reply)
+        raise AssertionError("unreachable: _tries ends by raising")
 
     def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
         with self._attaching:
@@ -680,7 +863,7 @@ class MoEClient:
             if offer is None:
                 return
             try:
-                reply = self._stub.AttachRegion(
+                reply = self._stubs[0].AttachRegion(
                     offer, timeout=timeout, metadata=self._core.metadata
                 )
             except grpc.RpcError as exc:
@@ -688,26 +871,31 @@ class MoEClient:
             self._core.shared.attached(reply)
 
     def info(self, timeout: float | None = None) -> ServiceInfo:
-        """Model dims, layers, placement and worker health."""
+        """Model dims, layers, placement and worker health (from the first master that
+        answers)."""
         if self._core.embedded is not None:
             return self._core.local_info()
-        try:
-            reply = self._stub.GetInfo(
-                pb.GetInfoRequest(),
-                timeout=timeout or self.timeout,
-                metadata=self._core.metadata,
-            )
-        except grpc.RpcError as exc:
-            raise self._core.error(exc) from None
-        return _info(reply)
+        attempts = self._core.attempts(timeout or self.timeout)
+        for i, left in _tries(self._core, attempts):
+            try:
+                reply = self._stubs[i].GetInfo(
+                    pb.GetInfoRequest(), timeout=left, metadata=self._core.metadata
+                )
+            except grpc.RpcError as exc:
+                if attempts.failed(i, exc):
+                    continue
+                raise self._core.error(exc, i) from None
+            return _info(reply)
+        raise AssertionError("unreachable: _tries ends by raising")
 
     def close(self) -> None:
-        """Close the channel and the shared region (embedded: stop the in-process master,
+        """Close the channels and the shared region (embedded: stop the in-process master,
         its channels to the workers and its thread). Idempotent."""
         if self._core.embedded is not None:
             self._core.embedded.close()
             return
-        self._channel.close()
+        for c in self._channels:
+            c.close()
         self._core.shared.close()
 
     def __enter__(self) -> Self:
@@ -724,7 +912,7 @@ class AsyncMoEClient:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         shared_memory_bytes: int = DEFAULT_SHARED_MEMORY_BYTES,
@@ -732,14 +920,18 @@ class AsyncMoEClient:
         tls: ClientTLS | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
+        """As MoEClient's: one master or several, a call retried on another within
+        `timeout` when one is unavailable."""
         self.timeout = timeout
         tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
-        self._core = _Core(address, shared_memory_bytes, token, tls, tracing=tracing)
-        self._channel = aio_channel(
-            address, tls, message_options(max_message_bytes) + _OWN_CONNECTION
-        )
-        self._stub = pb_grpc.MoEMasterStub(self._channel)
-        self._infer = unary_call(self._channel, "MoEMaster", "Infer", pb.InferResponse)
+        targets = master_targets(address)
+        self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
+        options = message_options(max_message_bytes) + _OWN_CONNECTION
+        self._channels = [aio_channel(t, tls, options + _balanced(t)) for t in targets]
+        self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
+        self._infers = [
+            unary_call(c, "MoEMaster", "Infer", pb.InferResponse) for c in self._channels
+        ]
         self._attaching = asyncio.Lock()  # one offer, however many calls are waiting
 
     @classmethod
@@ -832,13 +1024,18 @@ class AsyncMoEClient:
         with self._core.call(x, layer, return_routing) as call:
             if call.offers_region:
                 await self._attach(call.flat, timeout)
-            while True:  # at most twice: shared memory, then bytes
+            attempts = self._core.attempts(timeout)
+            async for i, left in _async_tries(self._core, attempts):
                 try:
-                    reply = await self._infer(call.request(), timeout=timeout, metadata=md)
+                    reply = await self._infers[i](call.request(), timeout=left, metadata=md)
                 except grpc.RpcError as exc:
-                    call.refused(exc)
+                    if attempts.failed(i, exc):
+                        continue  # another master
+                    call.refused(exc, i)  # raises, unless the region was refused:
+                    attempts.again(i)  # then the same master, as bytes
                 else:
                     return call.result(reply)
+        raise AssertionError("unreachable: _async_tries ends by raising")
 
     async def _attach(self, flat: torch.Tensor, timeout: float | None) -> None:
         async with self._attaching:
@@ -848,7 +1045,7 @@ class AsyncMoEClient:
             if offer is None:
                 return
             try:
-                reply = await self._stub.AttachRegion(
+                reply = await self._stubs[0].AttachRegion(
                     offer, timeout=timeout, metadata=self._core.metadata
                 )
             except grpc.RpcError as exc:
@@ -856,26 +1053,31 @@ class AsyncMoEClient:
             self._core.shared.attached(reply)
 
     async def info(self, timeout: float | None = None) -> ServiceInfo:
-        """Model dims, layers, placement and worker health."""
+        """Model dims, layers, placement and worker health (from the first master that
+        answers)."""
         if self._core.embedded is not None:
             return self._core.local_info()
-        try:
-            reply = await self._stub.GetInfo(
-                pb.GetInfoRequest(),
-                timeout=timeout or self.timeout,
-                metadata=self._core.metadata,
-            )
-        except grpc.RpcError as exc:
-            raise self._core.error(exc) from None
-        return _info(reply)
+        attempts = self._core.attempts(timeout or self.timeout)
+        async for i, left in _async_tries(self._core, attempts):
+            try:
+                reply = await self._stubs[i].GetInfo(
+                    pb.GetInfoRequest(), timeout=left, metadata=self._core.metadata
+                )
+            except grpc.RpcError as exc:
+                if attempts.failed(i, exc):
+                    continue
+                raise self._core.error(exc, i) from None
+            return _info(reply)
+        raise AssertionError("unreachable: _async_tries ends by raising")
 
     async def close(self) -> None:
-        """Close the channel and the shared region (embedded: stop the in-process master,
+        """Close the channels and the shared region (embedded: stop the in-process master,
         its channels to the workers and its thread). Idempotent."""
         if self._core.embedded is not None:
             await asyncio.to_thread(self._core.embedded.close)
             return
-        await self._channel.close()
+        for c in self._channels:
+            await c.close()
         self._core.shared.close()
 
     async def __aenter__(self) -> Self:

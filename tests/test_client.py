@@ -297,7 +297,7 @@ class Failing:
     async def GetInfo(self, request: object, context: grpc.aio.ServicerContext) -> None:
         raise self.error
 
-    Infer = AttachRegion = GetInfo
+    Infer = AttachRegion = Reload = GetInfo
 
 
 ANY_ERROR = Failing(InvalidRequestError("never", "reached"))

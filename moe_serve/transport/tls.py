@@ -17,6 +17,7 @@ not an opaque handshake failure later.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def server_credentials(cfg: TLSConfig, field: str = "security.tls") -> grpc.Serv
 def channel(
     address: str,
     tls: ClientTLS | None,
-    options: list[tuple[str, int]] | None = None,
+    options: Sequence[tuple[str, int | str]] | None = None,
     field: str = "tls",
 ) -> grpc.Channel:
     """A blocking channel to `address`: TLS with `tls`, plaintext without."""
@@ -176,7 +177,7 @@ def channel(
 def aio_channel(
     address: str,
     tls: ClientTLS | None,
-    options: list[tuple[str, int]] | None = None,
+    options: Sequence[tuple[str, int | str]] | None = None,
     field: str = "tls",
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address`: TLS with `tls`, plaintext without."""
