@@ -92,7 +92,7 @@ DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
-def _balanced(target: str) -> list[tuple[str, str]]:
+def _balanced(target: str) -> list[tuple[str, int | str]]:
     """A name that resolves to several masters (`dns:///masters.example:50051`) is balanced
     over all of them by gRPC itself; its default policy would pin every call to the first."""
     return [("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else []
@@ -746,7 +746,10 @@ class MoEClient:
         tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
         targets = master_targets(address)
         self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
-        options = message_options(max_message_bytes) + _OWN_CONNECTION
+        options: list[tuple[str, int | str]] = [
+            *message_options(max_message_bytes),
+            *_OWN_CONNECTION,
+        ]
         self._channels = [channel(t, tls, options + _balanced(t)) for t in targets]
         self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
         self._infers = [
@@ -926,7 +929,10 @@ class AsyncMoEClient:
         tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
         targets = master_targets(address)
         self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
-        options = message_options(max_message_bytes) + _OWN_CONNECTION
+        options: list[tuple[str, int | str]] = [
+            *message_options(max_message_bytes),
+            *_OWN_CONNECTION,
+        ]
         self._channels = [aio_channel(t, tls, options + _balanced(t)) for t in targets]
         self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
         self._infers = [

@@ -947,3 +947,19 @@ def check_devices_exist(devices: tuple[str, ...], field: str) -> None:
                 f"({count} CUDA device(s) visible); expected one of "
                 f"{['cpu'] + [f'cuda:{k}' for k in range(count)]}"
             )
+
+
+def config_difference(old: object, new: object, where: str) -> str | None:
+    """The first key that differs between two config values, as "key: old -> new" (keys
+    under `security` without their values), or None when they are equal: what a reload
+    names when it refuses a change."""
+    if old == new:
+        return None
+    if isinstance(old, BaseModel) and isinstance(new, BaseModel) and type(old) is type(new):
+        for key in type(old).model_fields:
+            found = config_difference(getattr(old, key), getattr(new, key), f"{where}.{key}")
+            if found is not None:
+                return found
+    if where.startswith("security"):
+        return f"{where}: changed"
+    return f"{where}: {old!r} -> {new!r}"

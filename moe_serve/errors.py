@@ -68,6 +68,20 @@ class ConfigError(MoEError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class InvalidConfigError(MoEError):
+    """A reload's new config file does not validate; the message names the field. The old
+    world keeps serving."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RestartNeededError(MoEError):
+    """A reload's new config changes what a running server cannot apply live; the message
+    names the field. The old world keeps serving."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class InvalidRequestError(MoEError):
     """A request field is malformed; the message names the field and the expected value."""
 

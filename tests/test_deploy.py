@@ -300,11 +300,50 @@ def test_compose_file_parses_under_the_compose_specification() -> None:
     assert sorted(parsed.service_names()) == sorted(compose()["services"])
 
 
-def test_compose_runs_a_master_two_workers_prometheus_and_grafana() -> None:
+def compose_masters() -> dict[str, dict[str, Any]]:
+    """The compose services that run `moe-serve master`, by name."""
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if service.get("command", [""])[0] == "master"
+    }
+
+
+def test_compose_runs_two_masters_two_workers_prometheus_and_grafana() -> None:
     services = compose()["services"]
     commands = {name: s.get("command", [""])[0] for name, s in services.items()}
-    assert sorted(commands.values()) == ["", "", "master", "worker", "worker"]
+    assert sorted(commands.values()) == ["", "", "master", "master", "worker", "worker"]
     assert {"prometheus", "grafana"} <= set(services)
+
+
+def test_compose_runs_exactly_two_masters_on_the_same_world_config() -> None:
+    masters = compose_masters()
+    assert len(masters) == 2
+    commands = {tuple(s["command"]) for s in masters.values()}
+    assert commands == {("master", "--config", "/etc/moe-serve/world.yaml")}
+    assert len({tuple(s["volumes"]) for s in masters.values()}) == 1
+
+
+def test_compose_masters_are_published_on_host_ports_of_their_own() -> None:
+    # A client names both: MoEClient(["127.0.0.1:50051", "127.0.0.1:50052"]).
+    port = parse_address(compose_world().master.listen)[1]
+    host_ports = sorted(
+        int(str(p).split(":")[-2]) for s in compose_masters().values() for p in s["ports"]
+    )
+    assert host_ports == [port, port + 1]
+
+
+def test_compose_mounts_the_world_config_folder_so_a_reload_reads_an_edited_file() -> None:
+    # Docker binds a file by inode: an editor that replaces world.yaml would leave a file
+    # mount on the old content, and SIGHUP would re-read that.
+    for name, service in compose()["services"].items():
+        command = service.get("command", [""])
+        if command[0] not in ("master", "worker"):
+            continue
+        config = PurePosixPath(command[command.index("--config") + 1])
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert mounts[str(config.parent)] == ".", name
+        assert (COMPOSE_DIR / config.name).is_file()
 
 
 def test_compose_workers_are_reached_by_their_service_names() -> None:
@@ -354,9 +393,26 @@ def test_compose_stop_grace_exceeds_the_drain_grace() -> None:
             assert duration_s(service["stop_grace_period"]) > drain, name
 
 
+def prometheus_targets(component: str) -> list[str]:
+    return [
+        target
+        for job in load_yaml(PROMETHEUS / "prometheus.yml")["scrape_configs"]
+        for group in job["static_configs"]
+        if group["labels"]["component"] == component
+        for target in group["targets"]
+    ]
+
+
+def test_prometheus_scrapes_both_compose_masters_as_two_instances() -> None:
+    port = compose_world().master.metrics_port
+    targets = prometheus_targets("master")
+    assert sorted(targets) == sorted(f"{name}:{port}" for name in compose_masters())
+    assert len(set(targets)) == 2
+
+
 def test_prometheus_scrapes_every_compose_process() -> None:
     cfg = compose_world()
-    want = {(f"master:{cfg.master.metrics_port}", "master", None)}
+    want = {(f"{name}:{cfg.master.metrics_port}", "master", None) for name in compose_masters()}
     for name, service in compose()["services"].items():
         worker_id = command_worker_id(service.get("command", [""]))
         if worker_id is not None:
@@ -390,7 +446,7 @@ def kustomization() -> dict[str, Any]:
 
 
 def k8s_objects() -> list[dict[str, Any]]:
-    """The base's resources, and the ConfigMap its generator makes (without the hash)."""
+    """The base's resources, and the ConfigMap its generator makes."""
     k = kustomization()
     objects = [
         doc
@@ -531,6 +587,63 @@ def test_k8s_probes_use_native_grpc_health_on_the_serving_ports() -> None:
     # Its health is NOT_SERVING while workers are down: liveness checks the process only.
     assert master["livenessProbe"]["tcpSocket"]["port"] == "grpc"
     assert container_port(master_deployment(), "grpc") == parse_address(cfg.master.listen)[1]
+
+
+def test_k8s_runs_two_master_replicas() -> None:
+    assert master_deployment()["spec"]["replicas"] == 2
+
+
+def test_k8s_masters_prefer_different_nodes() -> None:
+    dep = master_deployment()
+    anti = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert selects(term["podAffinityTerm"]["labelSelector"]["matchLabels"], dep)
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti  # one node still runs both
+
+
+def test_k8s_headless_master_service_resolves_to_every_ready_master_on_the_grpc_port() -> None:
+    # Clients balance over the pods: MoEClient("dns:///moe-serve-masters.<ns>.svc...:50051").
+    service = k8s_object("Service", "moe-serve-masters")
+    assert service["spec"]["clusterIP"] == "None"
+    assert not service["spec"].get("publishNotReadyAddresses", False)
+    assert selects(service["spec"]["selector"], master_deployment())
+    (port,) = service["spec"]["ports"]
+    grpc = parse_address(k8s_world().master.listen)[1]
+    # Headless: clients dial the pod's port, so the Service's must be the same.
+    assert port["port"] == grpc == container_port(master_deployment(), "grpc")
+    assert port["targetPort"] == "grpc"
+
+
+def test_k8s_disruption_budget_keeps_a_master_serving() -> None:
+    (budget,) = [
+        b
+        for b in k8s_objects()
+        if b["kind"] == "PodDisruptionBudget"
+        and selects(b["spec"]["selector"]["matchLabels"], master_deployment())
+    ]
+    replicas, spec = master_deployment()["spec"]["replicas"], budget["spec"]
+    left = spec["minAvailable"] if "minAvailable" in spec else replicas - spec["maxUnavailable"]
+    # One master serves through a node drain, and a drain can still move the other.
+    assert 1 <= left < replicas
+
+
+def test_k8s_world_config_map_keeps_its_name_so_an_update_reaches_running_pods() -> None:
+    # With a content hash in its name, an update would be a new ConfigMap and a rollout, not
+    # a file the kubelet refreshes for a reload.
+    (gen,) = kustomization()["configMapGenerator"]
+    assert gen["options"]["disableNameSuffixHash"] is True
+
+
+def test_k8s_pods_mount_the_world_config_map_as_a_folder_the_kubelet_refreshes() -> None:
+    (gen,) = kustomization()["configMapGenerator"]
+    for workload in (master_deployment(), statefulset()):
+        c, spec = container(workload), workload["spec"]["template"]["spec"]
+        (volume,) = [
+            v for v in spec["volumes"] if v.get("configMap", {}).get("name") == gen["name"]
+        ]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+        assert "subPath" not in mount and "subPathExpr" not in mount
 
 
 def test_k8s_master_service_reaches_the_master_grpc_port() -> None:

@@ -45,7 +45,7 @@ class Failing:
     async def GetInfo(self, request: object, context: grpc.aio.ServicerContext) -> None:
         raise self.error
 
-    Infer = AttachRegion = GetInfo
+    Infer = AttachRegion = Reload = GetInfo
 
 
 def _serve(error: MoEError, call: Callable[[str], Any], draining: bool = False) -> Any:

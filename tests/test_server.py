@@ -33,6 +33,8 @@ class Held:
     async def AttachRegion(self, request: object, context: grpc.aio.ServicerContext) -> None:
         raise NotImplementedError
 
+    Reload = AttachRegion
+
 
 def _options() -> dict[str, int]:
     return dict(transport_server.server_options(1 << 20))

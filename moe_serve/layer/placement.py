@@ -10,12 +10,21 @@ crosses the network once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 
 from moe_serve.config import WorkerConfig, WorldConfig
+
+# layer -> the experts a worker holds (or is to hold) on it
+Holdings = dict[int, frozenset[int]]
+
+
+def holdings(worker: WorkerConfig, layers: Sequence[int]) -> Holdings:
+    """What the config gives `worker`, per layer."""
+    return {la: frozenset(worker.experts_on(la)) for la in layers}
 
 
 @dataclass(frozen=True)
@@ -28,16 +37,39 @@ class Placement:
 
     @classmethod
     def from_config(cls, cfg: WorldConfig) -> Placement:
+        """Each expert on the workers the config lists it on, indexed in config order."""
+        listed = [holdings(w, cfg.model.moe_layers) for w in cfg.workers]
+        return cls.serving(tuple(w.id for w in cfg.workers), listed, listed, cfg.model.num_experts)
+
+    @classmethod
+    def serving(
+        cls,
+        worker_ids: tuple[str, ...],
+        configured: list[Holdings],
+        reported: list[Holdings],
+        num_experts: int,
+    ) -> Placement:
+        """Who serves each expert while a world changes (a reload): per worker index, what
+        the config gives it (`configured`; nothing for a worker the config dropped) and what
+        it last said it serves (`reported`: held plus retiring). An expert goes to the
+        workers that both are configured for it and report it; while none of those reports
+        it yet (loading), to whoever still reports it (the workers it moves from, in their
+        grace window); failing both, to its configured holders (calls then find them
+        back, or fail UNAVAILABLE naming them)."""
+        layers = sorted({la for h in configured for la in h})
         owner: dict[int, torch.Tensor] = {}
         holders: dict[int, tuple[tuple[int, ...], ...]] = {}
-        for layer in cfg.model.moe_layers:
-            held: list[list[int]] = [[] for _ in range(cfg.model.num_experts)]
-            for w, worker in enumerate(cfg.workers):
-                for e in worker.experts_on(layer):
-                    held[e].append(w)
-            holders[layer] = tuple(tuple(h) for h in held)
-            owner[layer] = torch.tensor([h[0] if h else -1 for h in held], dtype=torch.int64)
-        return cls(worker_ids=tuple(w.id for w in cfg.workers), owner=owner, holders=holders)
+        empty: frozenset[int] = frozenset()
+        for layer in layers:
+            per_expert = []
+            for e in range(num_experts):
+                listed = [w for w, h in enumerate(configured) if e in h.get(layer, empty)]
+                says = [w for w, h in enumerate(reported) if e in h.get(layer, empty)]
+                ready = [w for w in listed if w in says]
+                per_expert.append(tuple(ready or says or listed))
+            holders[layer] = tuple(per_expert)
+            owner[layer] = torch.tensor([h[0] if h else -1 for h in per_expert], dtype=torch.int64)
+        return cls(worker_ids=worker_ids, owner=owner, holders=holders)
 
     def covered(self, live: list[bool]) -> bool:
         """Whether every expert of every layer has a live holder."""

@@ -121,12 +121,10 @@ class MasterEngine:
             for la in m.moe_layers
         }
         self.shared = load_shared(source, m.moe_layers, self.device, self.dtype)
-        self.placement = Placement.from_config(cfg)
-        # Layers whose experts each have one holder: the owner table never changes.
-        self._single = {
-            la: all(len(h) == 1 for h in hs) for la, hs in self.placement.holders.items()
-        }
         self._owner_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._addresses: dict[str, str] = {}  # worker id -> address, every config seen
+        self.placement = Placement.from_config(cfg)
+        self.use(cfg, self.placement)
         self._turn = 0  # rotates ties between equally loaded replicas
         # The dtype gate logits are computed in (gating.gate_scores), named by errors.
         self._router_dtype = m.dtype if cfg.routing.router_dtype == "model" else "float32"
@@ -134,6 +132,29 @@ class MasterEngine:
         # series): an alert on its rate has data before the first drop.
         for la in m.moe_layers:
             metrics.dropped_pairs.labels(str(la))
+
+    def use(self, cfg: WorldConfig, placement: Placement) -> None:
+        """Serve the next batches with `cfg` (a reload's: only its workers differ) and
+        `placement` (over the pool's worker indices). A batch in flight keeps the worker
+        indices it dispatched to: they name the same workers (WorkerPool.add)."""
+        old, self.cfg, self.placement = self.placement, cfg, placement
+        self._addresses.update({w.id: w.address for w in cfg.workers})
+        # Layers whose experts each have one holder: the owner table does not change.
+        self._single = {la: all(len(h) == 1 for h in hs) for la, hs in placement.holders.items()}
+        self._owner_cache.clear()
+        ids = placement.worker_ids
+        for layer, holders in placement.holders.items():
+            before = old.holders.get(layer, ())
+            for e, h in enumerate(holders):
+                was = before[e] if e < len(before) else ()
+                if tuple(old.worker_ids[w] for w in was) != tuple(ids[w] for w in h):
+                    log.info(
+                        "layer %d expert %d: served by %s (was %s)",
+                        layer,
+                        e,
+                        [ids[w] for w in h],
+                        [old.worker_ids[w] for w in was],
+                    )
 
     def check_layer(self, layer: int) -> None:
         """InvalidRequestError naming `layer` when it is not a MoE layer of this model."""
@@ -189,17 +210,20 @@ class MasterEngine:
         """Model dims, layers, routing settings, placement and each worker's last known
         health: what GetInfo answers (the embedded client's info() too)."""
         m, routing = self.cfg.model, self.cfg.routing
+        ids = self.placement.worker_ids
+        # The pool index of each configured worker: its last (a re-added id gets a new one).
+        index = {worker_id: i for i, worker_id in enumerate(ids)}
         workers = [
             pb.WorkerStatus(
                 id=w.id,
                 address=w.address,
-                healthy=self.pool.healthy[i],
+                healthy=w.id in index and self.pool.healthy[index[w.id]],
                 devices=list(w.devices),
                 placement=[
                     pb.LayerExperts(layer=la, experts=w.experts_on(la)) for la in m.moe_layers
                 ],
             )
-            for i, w in enumerate(self.cfg.workers)
+            for w in self.cfg.workers
         ]
         return pb.MasterInfo(
             hidden_size=m.hidden_size,
@@ -529,7 +553,8 @@ class MasterEngine:
     def _located(self, workers: Iterable[int]) -> str:
         """'id (address)' of each worker, for the master's log only: a client's message
         names workers by id (docs/reference.md, status codes)."""
-        return ", ".join(f"{w.id} ({w.address})" for w in (self.cfg.workers[i] for i in workers))
+        ids = self.placement.worker_ids
+        return ", ".join(f"{ids[i]} ({self._addresses.get(ids[i], '?')})" for i in workers)
 
     def _expert_counts(self, r: Routing) -> torch.Tensor:
         """[E + 1] int64 on r's device: kept pairs per expert, then the dropped ones; built

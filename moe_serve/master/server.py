@@ -18,6 +18,7 @@ from types import TracebackType
 import torch
 
 from moe_serve.config import WorldConfig, check_devices_exist, parse_address
+from moe_serve.master.reload import Reloader
 from moe_serve.master.service import MasterService
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import Exporter, MasterMetrics, start_exporter
@@ -120,6 +121,7 @@ async def create_master(
     port: int | None = None,
     metrics_port: int | None = None,
     tracer_provider: TracerProvider | None = None,
+    config_path: Path | None = None,
 ) -> MasterServer:
     """Load the gates, start serving MoEMaster on the running loop, return its handle.
 
@@ -129,7 +131,8 @@ async def create_master(
     `tracer_provider`: an OpenTelemetry TracerProvider to record the master's spans in,
     tracing on whatever the config's `tracing` section says (None: as that section says).
     A ConfigError (an address that cannot be bound, a bad token source) leaves nothing
-    behind: no region, no channel, no exporter.
+    behind: no region, no channel, no exporter. `config_path`: the file `cfg` came from,
+    re-read on SIGHUP and MoEMaster.Reload (moe_serve.master.reload; None: Reload is refused).
     """
     token, worker_token = load_tokens(cfg.security)
     tracing: Tracing = (
@@ -149,6 +152,7 @@ async def create_master(
     exporter: Exporter | None = None
     try:
         service = MasterService(cfg, pool, metrics, tracing)
+        service.reloader = Reloader(service.engine, pool, config_path)
         keep_large_allocations()  # after loading: its temporaries go back to the OS
         service.batcher.start()
         listen = cfg.master.listen
@@ -188,7 +192,11 @@ async def create_master(
     # Ready (SERVING) while every expert has a replica on a worker that answers its checks
     # (once draining, health ignores this and stays NOT_SERVING).
     async def on_probe(up: list[bool]) -> None:
-        ready = service.placement.covered(up) and not served.drain.draining
+        reloader = service.reloader
+        assert reloader is not None  # set above
+        reloader.refresh()  # route by what the workers now say they serve
+        await reloader.close_drained()
+        ready = service.engine.placement.covered(up) and not served.drain.draining
         metrics.ready.set(int(ready))
         if ready:
             master.ready.set()
@@ -200,10 +208,11 @@ async def create_master(
     return master
 
 
-async def serve(cfg: WorldConfig) -> None:
-    """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop."""
+async def serve(cfg: WorldConfig, config_path: Path | None = None) -> None:
+    """Run the master until SIGTERM/SIGINT, then drain in-flight requests and stop; on
+    SIGHUP re-read `config_path` and apply the difference (moe_serve.master.reload)."""
     torch.set_grad_enabled(False)  # this thread serves only: no autograd anywhere
-    master = await create_master(cfg)
+    master = await create_master(cfg, config_path=config_path)
     log.info(
         "master: serving layers %s on port %d (metrics: %s port %s)",
         list(cfg.model.moe_layers),
@@ -211,7 +220,8 @@ async def serve(cfg: WorldConfig) -> None:
         cfg.master.metrics_bind_host,
         master.metrics_port,
     )
-    await wait_for_signal()
+    reloader = master.service.reloader
+    await wait_for_signal(None if reloader is None else reloader.on_signal)
     log.info("master: draining (up to %.1f s), then stopping", cfg.master.shutdown_grace_s)
     await master.stop()
 
@@ -223,4 +233,4 @@ def main(cfg: WorldConfig, config_path: Path | None = None) -> None:
     load_tokens(cfg.security)  # an unset token variable is a ConfigError before anything starts
     check_tls(cfg.security.tls)  # so is an unreadable or mismatched certificate file
     check_tracing(cfg.tracing)  # and tracing on without OpenTelemetry installed
-    run(serve(cfg))
+    run(serve(cfg, config_path))

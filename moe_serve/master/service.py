@@ -18,10 +18,11 @@ import torch
 
 from moe_serve.config import WorldConfig
 from moe_serve.dtypes import DTYPE_NAMES, FLOAT_DTYPES
-from moe_serve.errors import InvalidRequestError, MoEError
+from moe_serve.errors import InvalidRequestError, MoEError, RestartNeededError
 from moe_serve.layer.gating import Routing
 from moe_serve.master.batcher import InferBatcher
 from moe_serve.master.engine import MasterEngine
+from moe_serve.master.reload import Reloader
 from moe_serve.master.workers import WorkerPool
 from moe_serve.metrics import Children, MasterMetrics
 from moe_serve.tracing import INFER, NO_TRACING, Tracing
@@ -53,7 +54,8 @@ class MasterService(pb_grpc.MoEMasterServicer):
         self.device = torch.device(cfg.master.device)
         self.dtype = DTYPE_NAMES[cfg.model.dtype]
         self.engine = MasterEngine(cfg, pool, metrics, tracing=tracing)
-        self.placement = self.engine.placement
+        # Applies a re-read world config (Reload, SIGHUP); None: this master has no file.
+        self.reloader: Reloader | None = None
         # Regions of clients on this host, each bound to the connection that attached it.
         self.client_regions = RegionTable()
         self.batcher = InferBatcher(self.engine.forward, cfg.master, metrics, tracing)
@@ -64,6 +66,14 @@ class MasterService(pb_grpc.MoEMasterServicer):
         self._tokens = Children(metrics.tokens)
         self._transport = Children(metrics.infer_transport)
         self._layer_label = {la: str(la) for la in self.engine.gates}
+
+    @error_boundary
+    async def Reload(
+        self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadReply:
+        if self.reloader is None:
+            raise RestartNeededError("this master was started without a config file")
+        return pb.ReloadReply(summary=await self.reloader.reload())
 
     @error_boundary
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> bytes:

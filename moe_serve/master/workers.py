@@ -29,7 +29,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_serve.config import WorldConfig
+from moe_serve.config import WorkerConfig, WorldConfig
 from moe_serve.errors import (
     DeadlineError,
     MoEError,
@@ -39,6 +39,7 @@ from moe_serve.errors import (
     reason_of,
 )
 from moe_serve.layer.dispatch import WorkerSlice
+from moe_serve.layer.placement import Holdings, holdings
 from moe_serve.metrics import MasterMetrics
 from moe_serve.tracing import FORWARD, NO_TRACING, Tracing
 from moe_serve.transport import fp8
@@ -74,29 +75,27 @@ class WorkerPool:
         token: str | None = None,
         tracing: Tracing = NO_TRACING,
     ) -> None:
-        """`tracing`: a CLIENT span per Forward call, whose traceparent the worker gets."""
-        self.workers = cfg.workers
+        """`tracing`: a CLIENT span per Forward call, whose traceparent the worker gets.
+
+        Workers are indexed in the config's order; a reload appends the workers it adds
+        (`add`) and retires the ones it removes (`close_worker`), so an index names the same
+        worker for the pool's whole life (a batch in flight across a reload stays valid)."""
+        self.workers: list[WorkerConfig] = []
         self.metrics = metrics
         self.tracing = tracing
-        options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
+        self._options = message_options(cfg.message_limit("worker")) + _CHANNEL_OPTIONS
         self._tls = ClientTLS.from_config(cfg.security.tls)
-        n = cfg.master.worker_channels
-        # channels[w][0] carries health, AttachRegion and shared-memory calls (a worker binds
-        # the region to the connection that attached it); bytes calls rotate over all.
-        self._channels = [
-            [
-                aio_channel(w.address, self._tls, options + _own_connection(j), "security.tls")
-                for j in range(n)
-            ]
-            for w in cfg.workers
-        ]
-        self._forward = [
-            [unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in chs]
-            for chs in self._channels
-        ]
-        self._turn = [0] * len(cfg.workers)  # the channel of each worker's next bytes call
-        self._health = [health_pb2_grpc.HealthStub(chs[0]) for chs in self._channels]
-        self._control = [pb_grpc.ExpertWorkerStub(chs[0]) for chs in self._channels]
+        self._connections = cfg.master.worker_channels
+        self._layers = tuple(cfg.model.moe_layers)
+        self._experts = cfg.model.num_experts
+        # channels[w][0] carries health, GetInfo, AttachRegion and shared-memory calls (a
+        # worker binds the region to the connection that attached it); bytes calls rotate
+        # over all.
+        self._channels: list[list[grpc.aio.Channel]] = []
+        self._forward: list[list[Callable[..., Awaitable[Any]]]] = []
+        self._turn: list[int] = []  # the channel of each worker's next bytes call
+        self._health: list[health_pb2_grpc.HealthStub] = []
+        self._control: list[pb_grpc.ExpertWorkerStub] = []
         # Rows per bytes call: whole rows of at most worker_chunk_bytes, and no more than a
         # worker batches at once (batching.max_batch_tokens). 0: one call per slice.
         self._chunk_bytes = cfg.master.worker_chunk_bytes
@@ -105,18 +104,66 @@ class WorkerPool:
         self._max_chunk_rows = cfg.batching.max_batch_tokens
         # Workers reply one row per pair, for the engine's batch-invariant combine.
         self.pair_outputs = cfg.model.batch_invariant
-        self.healthy = [False] * len(cfg.workers)
-        self.outstanding = [0] * len(cfg.workers)  # tokens in calls not yet answered
+        self.healthy: list[bool] = []
+        self.outstanding: list[int] = []  # tokens in calls not yet answered
         self.call_timeout_s = cfg.master.worker_timeout_s
         self._metadata = metadata(token)  # the bearer token, on every call but health
         self.region = _open_region(cfg)
-        self.attached = [False] * len(cfg.workers)  # has mapped self.region
+        self.attached: list[bool] = []  # has mapped self.region
         # Why each worker's last TLS handshake failed, in an operator's words (None: it did
         # not, or TLS is off); a failed call's UNAVAILABLE message for the worker carries it.
-        self.tls_failures: list[str | None] = [None] * len(cfg.workers)
+        self.tls_failures: list[str | None] = []
+        # What each worker last said it serves (GetInfo: held plus retiring), per layer;
+        # taken from the config for the workers the master starts with, until they say.
+        self.serves: list[Holdings] = []
+        self.closed: list[bool] = []  # retired by a reload: no channel, never probed
         self._watch: asyncio.Task[None] | None = None
         for w in cfg.workers:
-            metrics.worker_up.labels(w.id).set(0)
+            self.add(w, serves=holdings(w, self._layers))
+
+    def add(self, worker: WorkerConfig, serves: Holdings | None = None) -> int:
+        """Dial `worker` and give it the next index (a reload's new worker: it serves
+        nothing until it says otherwise, `serves`)."""
+        chs = [
+            aio_channel(
+                worker.address, self._tls, self._options + _own_connection(j), "security.tls"
+            )
+            for j in range(self._connections)
+        ]
+        self.workers.append(worker)
+        self._channels.append(chs)
+        self._forward.append(
+            [unary_call(c, "ExpertWorker", "Forward", pb.ForwardResponse) for c in chs]
+        )
+        self._turn.append(0)
+        self._health.append(health_pb2_grpc.HealthStub(chs[0]))
+        self._control.append(pb_grpc.ExpertWorkerStub(chs[0]))
+        self.healthy.append(False)
+        self.outstanding.append(0)
+        self.attached.append(False)
+        self.tls_failures.append(None)
+        self.serves.append({} if serves is None else serves)
+        self.closed.append(False)
+        self.metrics.worker_up.labels(worker.id).set(0)
+        return len(self.workers) - 1
+
+    def index(self, worker_id: str) -> int | None:
+        """The index of the live (not closed) worker `worker_id`, None when there is none."""
+        for i, w in enumerate(self.workers):
+            if w.id == worker_id and not self.closed[i]:
+                return i
+        return None
+
+    async def close_worker(self, index: int) -> None:
+        """Close the channels of a worker a reload removed (its calls have ended)."""
+        if self.closed[index]:
+            return
+        self.closed[index] = True
+        self.healthy[index] = False
+        self.serves[index] = {}
+        self.metrics.worker_up.remove(self.workers[index].id)
+        await asyncio.gather(*(c.close() for c in self._channels[index]))
+        log.info("worker %s: connections closed (removed by a reload)", self.workers[index].id)
 
     def _set_health(self, index: int, up: bool) -> None:
         if self.healthy[index] != up:
@@ -451,10 +498,30 @@ class WorkerPool:
             except grpc.aio.AioRpcError as exc:
                 self._set_health(i, False)
                 await self._diagnose(i, exc)
+            if self.healthy[i]:
+                await self._learn_serves(i)
             if self.healthy[i] and not self.attached[i]:
                 await self._attach(i)
 
-        await asyncio.gather(*(check(i) for i in range(len(self.workers))))
+        live = [i for i in range(len(self.workers)) if not self.closed[i]]
+        await asyncio.gather(*(check(i) for i in live))
+
+    async def _learn_serves(self, index: int) -> None:
+        """Ask worker `index` what it serves now (GetInfo: held plus retiring, per layer):
+        after a reload the master routes an expert to a new holder only once it says so.
+        Kept as it was when the worker does not answer; what it names is bounded to the
+        model's layers and experts."""
+        try:
+            info = await self._control[index].GetInfo(
+                pb.GetInfoRequest(), timeout=HEALTH_INTERVAL_S, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError:
+            return
+        serves: dict[int, set[int]] = {la: set() for la in self._layers}
+        for entry in (*info.placement, *info.retiring):
+            if entry.layer in serves:
+                serves[entry.layer].update(e for e in entry.experts if 0 <= e < self._experts)
+        self.serves[index] = {la: frozenset(es) for la, es in serves.items()}
 
     async def _diagnose(self, index: int, exc: grpc.aio.AioRpcError) -> None:
         """Find out whether TLS is why worker `index` failed its health check (and say so,
@@ -514,7 +581,9 @@ class WorkerPool:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
-        await asyncio.gather(*(c.close() for chs in self._channels for c in chs))
+        await asyncio.gather(
+            *(c.close() for i, chs in enumerate(self._channels) if not self.closed[i] for c in chs)
+        )
         if self.region is not None:
             self.region.close()
 

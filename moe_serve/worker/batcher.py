@@ -14,12 +14,14 @@ a forward wait in gRPC's queue and join the next batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moe_serve.batching import Batcher, TokenBudget
 from moe_serve.config import BatchingConfig
+from moe_serve.errors import InvalidRequestError, MoEError
 from moe_serve.layer.rowwise import ordered_sum
 from moe_serve.metrics import Children, WorkerMetrics
 from moe_serve.tracing import NO_TRACING, WORKER_PASS, Tracing
@@ -38,6 +40,7 @@ class _Call:
     pair_expert: torch.Tensor  # [P] int32
     pair_weight: torch.Tensor  # [P] float32
     pairs: bool  # reply with each pair's expert output [P, H], not per-token sums [N, H]
+    removals: int  # WorkerEngine.removals when the call was validated
 
     @property
     def tokens(self) -> int:
@@ -97,14 +100,18 @@ class DynamicBatcher:
         RequestTooLargeError (RESOURCE_EXHAUSTED) when what is held would exceed
         batching.max_queue_tokens, each call counting max(tokens, (token, expert) pairs)
         (a lone call always runs; `WorkerEngine.validate` bounds its pairs)."""
-        call = _Call(hidden, pair_token, pair_expert, pair_weight, pairs)
+        # Validated just before, with no await in between: the engine's tables then.
+        call = _Call(hidden, pair_token, pair_expert, pair_weight, pairs, self.engine.removals)
         held = max(call.tokens, pair_token.shape[0])
         return await self._batcher.submit(call, layer, call.tokens, held)
 
-    async def _run(self, layer: int, calls: list[_Call]) -> list[torch.Tensor]:
+    async def _run(self, layer: int, calls: list[_Call]) -> Sequence[torch.Tensor | MoEError]:
         """Concatenate calls, one engine forward, split the output rows back per call.
 
         Awaits nothing: the batching loop runs it through without a task switch."""
+        removals = self.engine.removals
+        if any(c.removals != removals for c in calls):
+            return await self._recheck(layer, calls)
         sizes = [c.tokens for c in calls]
         if len(calls) == 1:
             # A batch of one (every call at T=1 from one master): its tensors as they came,
@@ -147,6 +154,25 @@ class DynamicBatcher:
                 y = y.to(self.engine.dtype)
             results.append(y)
         return results
+
+    async def _recheck(self, layer: int, calls: list[_Call]) -> list[torch.Tensor | MoEError]:
+        """Run `calls` after checking again those validated before a reload's grace window
+        ended (they queued while the engine stopped serving some experts): a call naming a
+        freed expert fails alone with INVALID_ARGUMENT, its batch mates run."""
+        errors: list[MoEError | None] = []
+        for c in calls:
+            try:
+                if c.removals != self.engine.removals:
+                    self.engine.validate(
+                        layer, c.tokens, c.pair_token, c.pair_expert, c.pair_weight
+                    )
+                    c.removals = self.engine.removals
+                errors.append(None)
+            except InvalidRequestError as exc:
+                errors.append(exc)
+        fine = [c for c, err in zip(calls, errors, strict=True) if err is None]
+        results = iter(await self._run(layer, fine) if fine else [])
+        return [next(results) if err is None else err for err in errors]
 
     def _observe(
         self, layer: int, expert: torch.Tensor, tokens: int, calls: int, seconds: float

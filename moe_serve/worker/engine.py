@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +21,7 @@ from moe_serve.config import ModelConfig, WorkerConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import InvalidRequestError
 from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward, pair_forward
-from moe_serve.layer.placement import device_assignment
-from moe_serve.weights import WeightSource
+from moe_serve.weights import ExpertWeights, WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,12 @@ log = logging.getLogger(__name__)
 HOST_CHECK_PAIRS = 64
 
 
-class _Progress:
-    """Logs experts loaded / total, bytes and time while a worker loads its experts."""
+class Progress:
+    """Logs experts loaded / total, bytes and time while a worker loads its experts (at
+    start, or in a reload: `what` then says so)."""
 
-    def __init__(self, total: int, worker_id: str) -> None:
-        self.total, self.worker_id = total, worker_id
+    def __init__(self, total: int, worker_id: str, what: str = "") -> None:
+        self.total, self.worker_id, self.what = total, worker_id, what
         self.loaded, self.nbytes, self.start, self.last = 0, 0, time.monotonic(), 0.0
 
     def add(self, experts: int, nbytes: int) -> None:
@@ -40,8 +43,9 @@ class _Progress:
         if now - self.last >= 2.0 or self.loaded == self.total:
             self.last = now
             log.info(
-                "worker %s: loaded %d/%d experts (%.1f MB, %.1f s)",
+                "worker %s: %sloaded %d/%d experts (%.1f MB, %.1f s)",
                 self.worker_id,
+                self.what,
                 self.loaded,
                 self.total,
                 self.nbytes / 1e6,
@@ -50,16 +54,42 @@ class _Progress:
 
     def done(self) -> None:
         log.info(
-            "worker %s: %d experts ready (%.1f MB) in %.1f s",
+            "worker %s: %s%d experts ready (%.1f MB) in %.1f s",
             self.worker_id,
+            self.what,
             self.loaded,
             self.nbytes / 1e6,
             time.monotonic() - self.start,
         )
 
 
+@dataclass(frozen=True)
+class LayerTables:
+    """The experts one layer serves, as `WorkerEngine.build` made them for `install`."""
+
+    served: tuple[int, ...]  # expert ids, in the order they were spread over the devices
+    stacks: list[ExpertStack | None]  # per device; None: no expert there
+    device_of: torch.Tensor  # [E] device index, -1: not served
+    slot_of: torch.Tensor  # [E] slot in that device's stack
+
+
+def spread(experts: Sequence[int], devices: int) -> list[list[int]]:
+    """`experts` over `devices` devices round-robin in the given order (what
+    layer.placement.device_assignment does with a worker's config entry)."""
+    groups: list[list[int]] = [[] for _ in range(devices)]
+    for i, expert in enumerate(experts):
+        groups[i % devices].append(expert)
+    return groups
+
+
 class WorkerEngine:
-    """Experts of one worker for every MoE layer, stacked per device."""
+    """Experts of one worker for every MoE layer, stacked per device.
+
+    A reload (moe_serve.worker.reload) changes what a layer serves while it serves: `build`
+    makes the layer's new stacks off the event loop, `install` swaps them in on the loop
+    between passes. What a layer serves is the experts of `worker` (the config entry) plus
+    `retiring`: experts a reload took away that it still serves for a grace window.
+    """
 
     def __init__(
         self,
@@ -76,46 +106,115 @@ class WorkerEngine:
         self.graphs: dict[int, list[SmallBatchGraphs | None]] = {}
         self.device_of: dict[int, torch.Tensor] = {}  # layer -> [E] device index, -1: not held
         self.slot_of: dict[int, torch.Tensor] = {}  # layer -> [E] slot in that device's stack
-        self.held_count: dict[int, int] = {}  # layer -> experts held (bounds pairs per token)
-        self.held_set: dict[int, frozenset[int]] = {}  # layer -> expert ids held
+        self.held_count: dict[int, int] = {}  # layer -> experts served (bounds pairs per token)
+        self.held_set: dict[int, frozenset[int]] = {}  # layer -> expert ids served
+        self.retiring: dict[int, frozenset[int]] = {la: frozenset() for la in model.moe_layers}
+        # Bumped by each `install` that stops serving an expert: a call validated before
+        # then is checked again before it runs (worker.batcher).
+        self.removals = 0
+        self._building = 0  # `build`s under way (see `building`)
         self._on_device: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        progress = _Progress(sum(len(worker.experts_on(la)) for la in model.moe_layers), worker.id)
+        progress = Progress(sum(len(worker.experts_on(la)) for la in model.moe_layers), worker.id)
         for layer in model.moe_layers:
-            self._load_layer(layer, source, progress)
+            self.install(layer, self.build(layer, worker.experts_on(layer), source, progress))
         progress.done()
 
-    def _load_layer(self, layer: int, source: WeightSource, progress: _Progress) -> None:
+    def build(
+        self,
+        layer: int,
+        served: Sequence[int],
+        source: WeightSource | None,
+        progress: Progress | None = None,
+    ) -> LayerTables:
+        """Stacks that serve `served` on `layer`, spread over the devices round-robin in that
+        order. An expert the layer serves already is copied from its stack (device to device,
+        no file read); the others come from `source`.
+
+        Reads the engine's tables and changes none of them, so it runs off the event loop
+        (asyncio.to_thread, inside `building`) while passes run on it: torch's copies
+        release the GIL."""
         m = self.model
+        current = self.stacks.get(layer)
+        now_device: list[int] = []
+        now_slot: list[int] = []
+        if current is not None:
+            # Host copies of two [E] tables, once per build.
+            now_device = self.device_of[layer].tolist()
+            now_slot = self.slot_of[layer].tolist()
         device_of = torch.full((m.num_experts,), -1, dtype=torch.int64)
         slot_of = torch.zeros(m.num_experts, dtype=torch.int64)
         stacks: list[ExpertStack | None] = []
-        for d, experts in enumerate(device_assignment(self.worker, layer)):
+        for d, experts in enumerate(spread(served, len(self.devices))):
             device_of[experts] = d
             slot_of[experts] = torch.arange(len(experts))
             if not experts:
                 stacks.append(None)
                 continue
-            weights = source.experts(layer, experts)
+            weights: dict[int, ExpertWeights] = {}
+            if current is not None:
+                for e in experts:
+                    if now_device[e] >= 0:
+                        stack = current[now_device[e]]
+                        assert stack is not None  # a device index names a stack
+                        weights[e] = stack.expert(now_slot[e])
+            missing = [e for e in experts if e not in weights]
+            if missing:
+                if source is None:
+                    raise ValueError(f"layer {layer}: experts {missing} are not loaded yet")
+                weights.update(zip(missing, source.experts(layer, missing), strict=True))
             stack = ExpertStack(
                 m.expert_kind,
                 m.activation,
-                weights,
+                [weights[e] for e in experts],
                 self.devices[d],
                 self.dtype,
                 invariant=m.batch_invariant,
             )
+            if stack.device.type == "cuda":
+                # Host sync, off the loop: the copies are done before the stack serves.
+                torch.cuda.synchronize(stack.device)
             stacks.append(stack)
-            progress.add(len(experts), stack.nbytes())
-        self.stacks[layer], self.device_of[layer], self.slot_of[layer] = stacks, device_of, slot_of
-        self.held_set[layer] = frozenset(self.worker.experts_on(layer))
-        self.held_count[layer] = len(self.held_set[layer])
+            if progress is not None:
+                progress.add(len(experts), stack.nbytes())
+        return LayerTables(tuple(served), stacks, device_of, slot_of)
+
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        """Marks `build`s under way (entered on the loop thread). Meanwhile passes capture
+        no new CUDA graph: a capture forbids allocations from other threads (the build's)
+        on the device, and either side would fail."""
+        self._building += 1
+        try:
+            yield
+        finally:
+            self._building -= 1
+
+    def install(self, layer: int, tables: LayerTables) -> None:
+        """Serve `tables` on `layer` from now on.
+
+        Call it on the event loop's thread: passes run there without an await
+        (worker.batcher), so this one synchronous block swaps every table a pass reads
+        between two passes. The old stacks are freed once nothing holds them."""
+        served = frozenset(tables.served)
+        if self.held_set.get(layer, served) - served:
+            self.removals += 1
+        self.stacks[layer] = tables.stacks
+        self.device_of[layer], self.slot_of[layer] = tables.device_of, tables.slot_of
+        self.held_set[layer], self.held_count[layer] = served, len(served)
         self.graphs[layer] = [
-            SmallBatchGraphs(s) if s is not None and self.cuda_graphs else None for s in stacks
+            SmallBatchGraphs(s) if s is not None and self.cuda_graphs else None
+            for s in tables.stacks
         ]
+        for key in [k for k in self._on_device if k[0] == layer]:
+            del self._on_device[key]
 
     def held(self, layer: int) -> tuple[int, ...]:
-        """Expert ids held on `layer`, ascending."""
-        return tuple((self.device_of[layer] >= 0).nonzero().flatten().tolist())
+        """Expert ids served on `layer` (its placement and any retiring), ascending."""
+        return tuple(sorted(self.held_set[layer]))
+
+    def placement(self, layer: int) -> tuple[int, ...]:
+        """Expert ids the config gives this worker on `layer`, ascending."""
+        return tuple(sorted(self.worker.experts_on(layer)))
 
     def validate(
         self,
@@ -231,7 +330,7 @@ class WorkerEngine:
             # The whole [N, H] block moves: picking only this device's rows would need
             # the distinct tokens on the host first (a sync), to save at most a copy.
             h, t, sl = hidden.to(dev, self.dtype), t.to(dev), sl.to(dev)
-            graphs = self.graphs[layer][d]
+            graphs = None if self._building else self.graphs[layer][d]  # see `building`
             if graphs is not None and graphs.fits(hidden.shape[0], t.shape[0]):
                 part = graphs(h, t, sl, w.to(dev), pairs=pairs)
             elif pairs:

@@ -1,8 +1,9 @@
 """The worker process: pin experts, serve ExpertWorker + health + reflection + metrics.
 
 `create_worker` starts a worker on the running event loop and returns its handle (bound port,
-metrics port, `stop`); `serve` (what `moe-serve worker` runs) is `create_worker`, then
-SIGTERM/SIGINT, then a drain. Tests start workers with the same factory on port 0.
+metrics port, `reload`, `stop`); `serve` (what `moe-serve worker` runs) is `create_worker`,
+then reloads on SIGHUP (moe_serve.worker.reload) until SIGTERM/SIGINT, then a drain. Tests
+start workers with the same factory on port 0.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from moe_serve.transport.tls import server_credentials
 from moe_serve.weights import open_weights
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
+from moe_serve.worker.reload import Reloader
 from moe_serve.worker.service import WorkerService
 
 log = logging.getLogger("moe_serve.worker")
@@ -49,8 +51,9 @@ def build_engine(cfg: WorldConfig, worker_id: str) -> WorkerEngine:
 
 @dataclass
 class WorkerServer:
-    """A worker serving on the running event loop; `stop` (or leaving `async with`) drains
-    it and stops its batcher and exporter."""
+    """A worker serving on the running event loop; `reload` applies its config file's new
+    entry; `stop` (or leaving `async with`) drains it and stops its batcher and exporter.
+    `cfg` and `worker` are what it started with (`reloader.cfg`: the config now applied)."""
 
     cfg: WorldConfig
     worker: WorkerConfig
@@ -59,6 +62,7 @@ class WorkerServer:
     metrics: WorkerMetrics
     served: Served
     exporter: Exporter | None
+    reloader: Reloader
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -77,6 +81,11 @@ class WorkerServer:
         """The port of its /metrics exporter, or None without one."""
         return None if self.exporter is None else self.exporter.port
 
+    async def reload(self) -> str:
+        """Re-read the config file and apply this worker's new entry, as SIGHUP and
+        ExpertWorker.Reload do; the summary of what changed (Reloader.reload)."""
+        return await self.reloader.reload()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish for up to `grace_s`
         (default `batching.shutdown_grace_s`), then stop. Idempotent."""
@@ -87,6 +96,7 @@ class WorkerServer:
         try:
             await self.served.shutdown(grace)
         finally:
+            await self.reloader.close()
             await self.batcher.stop()
             if self.exporter is not None:
                 self.exporter.stop()
@@ -111,6 +121,7 @@ async def create_worker(
     metrics_port: int | None = None,
     service: ServiceFactory = WorkerService,
     tracer_provider: TracerProvider | None = None,
+    config_path: Path | None = None,
 ) -> WorkerServer:
     """Load and pin worker `worker_id`'s experts, start serving ExpertWorker on the running
     loop, return its handle.
@@ -120,6 +131,7 @@ async def create_worker(
     worker's `metrics_port` (None keeps it; 0: any free port). `service` builds the servicer.
     `tracer_provider`: an OpenTelemetry TracerProvider to record the worker's spans in,
     tracing on whatever the config's `tracing` section says (None: as that section says).
+    `config_path`: the file `cfg` came from, re-read by `reload` (None: reloads are refused).
     """
     worker = cfg.worker(worker_id)
     token = load_worker_token(cfg.security)  # never the client token
@@ -140,6 +152,7 @@ async def create_worker(
     if port is not None:
         listen = f"{parse_address(listen)[0]}:{port}"
     servicer = service(engine, batcher)
+    reloader = servicer.reloader = Reloader(cfg, worker_id, config_path, engine)
     served: Served | None = None
     try:
         served = await serve_service(
@@ -165,12 +178,13 @@ async def create_worker(
         await batcher.stop()
         tracing.shutdown()
         raise
-    return WorkerServer(cfg, worker, servicer, batcher, metrics, served, exporter)
+    return WorkerServer(cfg, worker, servicer, batcher, metrics, served, exporter, reloader)
 
 
-async def serve(cfg: WorldConfig, worker_id: str) -> None:
-    """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop."""
-    server = await create_worker(cfg, worker_id)
+async def serve(cfg: WorldConfig, worker_id: str, config_path: Path | None = None) -> None:
+    """Run the worker until SIGTERM/SIGINT, then drain in-flight calls and stop; on each
+    SIGHUP re-read `config_path` and apply this worker's new entry."""
+    server = await create_worker(cfg, worker_id, config_path=config_path)
     worker = server.worker
     log.info(
         "worker %s: serving on port %d (metrics: %s port %s)",
@@ -179,7 +193,7 @@ async def serve(cfg: WorldConfig, worker_id: str) -> None:
         worker.metrics_bind_host,
         server.metrics_port,
     )
-    await wait_for_signal()
+    await wait_for_signal(on_reload=server.reloader.on_signal)
     grace = cfg.batching.shutdown_grace_s
     log.info("worker %s: draining (up to %.1f s), then stopping", worker.id, grace)
     await server.stop(grace)
@@ -192,4 +206,4 @@ def main(cfg: WorldConfig, worker_id: str, config_path: Path | None = None) -> N
     load_worker_token(cfg.security)  # an unset token variable too
     check_tls(cfg.security.tls)  # and an unreadable or mismatched certificate file
     check_tracing(cfg.tracing)  # and tracing on without OpenTelemetry installed
-    run(serve(cfg, worker_id))
+    run(serve(cfg, worker_id, config_path))

@@ -7,7 +7,7 @@ import logging
 import grpc
 import torch
 
-from moe_serve.errors import InvalidRequestError, MoEError
+from moe_serve.errors import InvalidRequestError, MoEError, RestartNeededError
 from moe_serve.metrics import Children
 from moe_serve.tracing import FORWARD
 from moe_serve.transport import fp8
@@ -18,6 +18,7 @@ from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
 from moe_serve.worker.batcher import DynamicBatcher
 from moe_serve.worker.engine import WorkerEngine
+from moe_serve.worker.reload import Reloader
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,9 @@ _FLOAT32 = frozenset({torch.float32})
 
 
 class WorkerService(pb_grpc.ExpertWorkerServicer):
-    """Serves Forward through the dynamic batcher, AttachRegion and GetInfo. With the
-    batcher's tracing on, each Forward is a SERVER span (the master's call its parent) with
-    decode, queue and encode spans."""
+    """Serves Forward through the dynamic batcher, AttachRegion, GetInfo and Reload (through
+    `reloader`, which create_worker sets). With the batcher's tracing on, each Forward is a
+    SERVER span (the master's call its parent) with decode, queue and encode spans."""
 
     def __init__(self, engine: WorkerEngine, batcher: DynamicBatcher) -> None:
         self.engine, self.batcher = engine, batcher
@@ -38,6 +39,7 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         # Masters' regions, each bound to the connection that attached it: another caller's
         # AttachRegion makes its own binding and never replaces a master's.
         self.regions = RegionTable()
+        self.reloader: Reloader | None = None
 
     @error_boundary
     async def Forward(
@@ -160,13 +162,29 @@ class WorkerService(pb_grpc.ExpertWorkerServicer):
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfo:
         e = self.engine
+        layers = sorted(e.stacks)
         return pb.WorkerInfo(
             id=e.worker.id,
             devices=list(e.worker.devices),
-            placement=[pb.LayerExperts(layer=la, experts=e.held(la)) for la in sorted(e.stacks)],
+            placement=[pb.LayerExperts(layer=la, experts=e.placement(la)) for la in layers],
             hidden_size=e.model.hidden_size,
             dtype=dtype_name(e.dtype),
+            retiring=[
+                pb.LayerExperts(layer=la, experts=sorted(e.retiring[la]))
+                for la in layers
+                if e.retiring[la]
+            ],
         )
+
+    @error_boundary
+    async def Reload(
+        self, request: pb.ReloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadReply:
+        if self.reloader is None:
+            raise RestartNeededError(
+                "this worker was started without a config file; nothing to reload"
+            )
+        return pb.ReloadReply(summary=await self.reloader.reload())
 
 
 def _present(t: pb.Tensor) -> bool:
