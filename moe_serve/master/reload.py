@@ -154,9 +154,10 @@ class Reloader:
             if index is not None:
                 self.leaving[index] = loop.time() + grace
         self.engine.use(new, serving_placement(new, pool))
-        if change.added:
-            # Health and what they serve, now rather than at the next probe: a new worker
-            # takes traffic as soon as it says it holds its experts.
+        if change.added or change.moved:
+            # Health and what each serves, now rather than at the next probe: an expert's
+            # new holder (reloaded before this master, as `moe-serve reload` does) takes its
+            # traffic at once, not up to a probe interval later.
             await pool.probe()
             self.refresh()
         return change.summary()
