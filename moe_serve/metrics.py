@@ -155,6 +155,12 @@ class MasterMetrics:
             ["worker"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "moe_serve_config_reloads",
+            "World config reloads (SIGHUP or Reload), by outcome: applied or refused",
+            ["outcome"],
+            registry=r,
+        )
 
 
 class WorkerMetrics:
@@ -197,6 +203,17 @@ class WorkerMetrics:
             "moe_serve_gpu_memory_bytes",
             "Memory allocated by torch on each device (CUDA); expert weight bytes on cpu",
             ["device"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "moe_serve_config_reloads",
+            "World config reloads (SIGHUP or Reload), by outcome: applied or refused",
+            ["outcome"],
+            registry=r,
+        )
+        self.retiring_experts = Gauge(
+            "moe_serve_worker_retiring_experts",
+            "Experts a reload took from this worker that it still serves (grace window)",
             registry=r,
         )
 

@@ -129,6 +129,11 @@ def test_a_reload_that_moves_an_expert_fails_no_request_and_moves_its_traffic(
         assert pairs_of(cluster, "w0", 3) == w0 and moved > 0, (w0, moved)
     bad = [o for o in load.outcomes if o != "ok"]
     assert bad == [] and len(load.outcomes) > 20, (bad[:3], len(load.outcomes))
+    applied = {"outcome": "applied"}
+    for process in (None, "w0", "w1"):
+        samples = scrape(cluster.metrics_url(process))
+        assert total(samples, "moe_serve_config_reloads_total", **applied) == 1, process
+    assert total(scrape(cluster.metrics_url("w0")), "moe_serve_worker_retiring_experts") == 0
 
 
 def test_sighup_adds_a_worker_that_takes_traffic_once_healthy(
@@ -192,7 +197,15 @@ def test_a_config_that_does_not_validate_is_refused_naming_the_field_and_the_wor
     exc = _reload_rpc(cluster.address)
     assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "model.top_k" in exc.details()
     cluster.kill("master", signal.SIGHUP)
-    until(lambda: "reload refused" in cluster.log() and "model.top_k" in cluster.log(), "log")
+
+    def refused() -> float:
+        samples = scrape(cluster.metrics_url())
+        return total(samples, "moe_serve_config_reloads_total", outcome="refused")
+
+    until(lambda: refused() == 2, "the call, then SIGHUP, refused")
+    log = cluster.log()
+    assert log.count("reload refused, the old world keeps serving") == 2
+    assert log.count("model.top_k: Input should be greater than 0") == 2
     with MoEClient(cluster.address) as client:
         assert client.infer(torch.randn(2, H)).shape == (2, H)
 

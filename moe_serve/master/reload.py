@@ -107,6 +107,7 @@ class Reloader:
     # Removed workers not closed yet: pool index -> loop time by which to close it anyway.
     leaving: dict[int, float] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _seen: int = -1  # the pool's serves_changed the placement was last computed at
 
     async def reload(self) -> str:
         """Re-read the config file and apply it; the summary of what changed ("no change").
@@ -114,12 +115,15 @@ class Reloader:
         InvalidConfigError (INVALID_ARGUMENT) for a file that does not validate,
         RestartNeededError (FAILED_PRECONDITION) for a change a master cannot apply live or
         without a config file; logged (naming the field) either way, the old world serving."""
+        outcomes = self.engine.metrics.config_reloads
         try:
             async with self._lock:
                 summary = await self._reload()
         except MoEError as exc:
+            outcomes.labels("refused").inc()
             log.error("master: reload refused, the old world keeps serving: %s", exc)
             raise
+        outcomes.labels("applied").inc()
         log.info("master: reload: %s", summary)
         return summary
 
@@ -154,6 +158,7 @@ class Reloader:
             if index is not None:
                 self.leaving[index] = loop.time() + grace
         self.engine.use(new, serving_placement(new, pool))
+        self._seen = pool.serves_changed
         if change.added or change.moved:
             # Health and what each serves, now rather than at the next probe: an expert's
             # new holder (reloaded before this master, as `moe-serve reload` does) takes its
@@ -163,7 +168,11 @@ class Reloader:
         return change.summary()
 
     def refresh(self) -> None:
-        """After a probe: route by what the workers now say they serve."""
+        """After a probe: route by what the workers now say they serve (recomputed only
+        when one of them says something new: a probe a second must stay cheap)."""
+        if self._seen == self.pool.serves_changed:
+            return
+        self._seen = self.pool.serves_changed
         placement = serving_placement(self.engine.cfg, self.pool)
         if placement.holders != self.engine.placement.holders:
             self.engine.use(self.engine.cfg, placement)

@@ -116,6 +116,7 @@ class WorkerPool:
         # What each worker last said it serves (GetInfo: held plus retiring), per layer;
         # taken from the config for the workers the master starts with, until they say.
         self.serves: list[Holdings] = []
+        self.serves_changed = 0  # bumped whenever an entry of `serves` changes
         self.closed: list[bool] = []  # retired by a reload: no channel, never probed
         self._watch: asyncio.Task[None] | None = None
         for w in cfg.workers:
@@ -143,6 +144,7 @@ class WorkerPool:
         self.attached.append(False)
         self.tls_failures.append(None)
         self.serves.append({} if serves is None else serves)
+        self.serves_changed += 1
         self.closed.append(False)
         self.metrics.worker_up.labels(worker.id).set(0)
         return len(self.workers) - 1
@@ -161,6 +163,7 @@ class WorkerPool:
         self.closed[index] = True
         self.healthy[index] = False
         self.serves[index] = {}
+        self.serves_changed += 1
         self.metrics.worker_up.remove(self.workers[index].id)
         await asyncio.gather(*(c.close() for c in self._channels[index]))
         log.info("worker %s: connections closed (removed by a reload)", self.workers[index].id)
@@ -521,7 +524,10 @@ class WorkerPool:
         for entry in (*info.placement, *info.retiring):
             if entry.layer in serves:
                 serves[entry.layer].update(e for e in entry.experts if 0 <= e < self._experts)
-        self.serves[index] = {la: frozenset(es) for la, es in serves.items()}
+        now = {la: frozenset(es) for la, es in serves.items()}
+        if now != self.serves[index]:
+            self.serves[index] = now
+            self.serves_changed += 1
 
     async def _diagnose(self, index: int, exc: grpc.aio.AioRpcError) -> None:
         """Find out whether TLS is why worker `index` failed its health check (and say so,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from moe_serve.config import WorkerConfig, WorldConfig, config_difference, load_config
 from moe_serve.errors import ConfigError, InvalidConfigError, MoEError, RestartNeededError
+from moe_serve.metrics import WorkerMetrics
 from moe_serve.weights import WeightSource, open_weights
 from moe_serve.worker.engine import Progress, WorkerEngine
 
@@ -47,9 +48,15 @@ class Reloader:
     retiring experts when their grace window ends."""
 
     def __init__(
-        self, cfg: WorldConfig, worker_id: str, config_path: Path | None, engine: WorkerEngine
+        self,
+        cfg: WorldConfig,
+        worker_id: str,
+        config_path: Path | None,
+        engine: WorkerEngine,
+        metrics: WorkerMetrics,
     ) -> None:
         self.cfg = cfg  # the config applied now
+        self.metrics = metrics
         self.worker_id, self.config_path, self.engine = worker_id, config_path, engine
         # Loop time at which each retiring (layer, expert) stops being served.
         self.deadlines: dict[tuple[int, int], float] = {}
@@ -70,8 +77,10 @@ class Reloader:
                 worker = self._check(new)
                 summary = await self._apply(new, worker)
         except MoEError as exc:
+            self.metrics.config_reloads.labels("refused").inc()
             log.error("worker %s: reload refused: %s", self.worker_id, exc)
             raise
+        self.metrics.config_reloads.labels("applied").inc()
         log.info("worker %s: reload: %s", self.worker_id, summary)
         return summary
 
@@ -197,6 +206,7 @@ class Reloader:
         e = self.engine
         for layer in e.retiring:
             e.retiring[layer] = frozenset(_experts(self.deadlines, layer))
+        self.metrics.retiring_experts.set(len(self.deadlines))
 
     def _schedule(self) -> None:
         """(Re)start the retirement: a new reload's window may end before the one it was

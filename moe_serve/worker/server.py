@@ -152,7 +152,7 @@ async def create_worker(
     if port is not None:
         listen = f"{parse_address(listen)[0]}:{port}"
     servicer = service(engine, batcher)
-    reloader = servicer.reloader = Reloader(cfg, worker_id, config_path, engine)
+    reloader = servicer.reloader = Reloader(cfg, worker_id, config_path, engine, metrics)
     served: Served | None = None
     try:
         served = await serve_service(
