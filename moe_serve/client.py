@@ -37,11 +37,11 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self, overload
+from typing import TYPE_CHECKING, Literal, Self, TypeVar, overload
 
 import grpc
 import torch
@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")  # a channel, blocking or asyncio
 
 DEFAULT_MAX_MESSAGE_BYTES = (1 << 31) - 1  # gRPC's maximum, as the master's default
 # Region offered to a master on the same host; made on the first request of at least
@@ -560,6 +561,28 @@ class _Core:
         self.embedded = embedded
         self.tracing = tracing
 
+    @classmethod
+    def dial(
+        cls,
+        address: str | Sequence[str],
+        shared_memory_bytes: int,
+        token: str | None,
+        tls: ClientTLS | None,
+        tracer_provider: TracerProvider | None,
+    ) -> _Core:
+        """The core of a client of the masters at `address` (master_targets)."""
+        tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
+        targets = master_targets(address)
+        return cls(targets, shared_memory_bytes, token, tls, tracing=tracing)
+
+    def channels(self, make: Callable[..., C], max_message_bytes: int) -> list[C]:
+        """One channel per master, made by `make` (transport.tls.channel or aio_channel)."""
+        options: list[tuple[str, int | str]] = [
+            *message_options(max_message_bytes),
+            *_OWN_CONNECTION,
+        ]
+        return [make(t, self.tls, options + _balanced(t)) for t in self.masters.targets]
+
     @contextlib.contextmanager
     def traced(self, x: torch.Tensor, layer: int) -> Iterator[tuple[tuple[str, str], ...] | None]:
         """The span of one infer (tracing on only), current within the block, which gets
@@ -743,14 +766,8 @@ class MoEClient:
         and a call that finds one unavailable (or draining, or dropped mid-call) is sent to
         another within `timeout`. Shared memory is used with one master only."""
         self.timeout = timeout
-        tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
-        targets = master_targets(address)
-        self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
-        options: list[tuple[str, int | str]] = [
-            *message_options(max_message_bytes),
-            *_OWN_CONNECTION,
-        ]
-        self._channels = [channel(t, tls, options + _balanced(t)) for t in targets]
+        self._core = _Core.dial(address, shared_memory_bytes, token, tls, tracer_provider)
+        self._channels = self._core.channels(channel, max_message_bytes)
         self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
         self._infers = [
             unary_call(c, "MoEMaster", "Infer", pb.InferResponse) for c in self._channels
@@ -926,14 +943,8 @@ class AsyncMoEClient:
         """As MoEClient's: one master or several, a call retried on another within
         `timeout` when one is unavailable."""
         self.timeout = timeout
-        tracing = NO_TRACING if tracer_provider is None else from_provider(tracer_provider)
-        targets = master_targets(address)
-        self._core = _Core(targets, shared_memory_bytes, token, tls, tracing=tracing)
-        options: list[tuple[str, int | str]] = [
-            *message_options(max_message_bytes),
-            *_OWN_CONNECTION,
-        ]
-        self._channels = [aio_channel(t, tls, options + _balanced(t)) for t in targets]
+        self._core = _Core.dial(address, shared_memory_bytes, token, tls, tracer_provider)
+        self._channels = self._core.channels(aio_channel, max_message_bytes)
         self._stubs = [pb_grpc.MoEMasterStub(c) for c in self._channels]
         self._infers = [
             unary_call(c, "MoEMaster", "Infer", pb.InferResponse) for c in self._channels

@@ -177,9 +177,14 @@ def plan_owners(
     return Owners(torch.tensor(expert, dtype=torch.int64, device=device), tuple(splits))
 
 
+def spread(experts: Sequence[int], devices: int) -> list[list[int]]:
+    """`experts` over `devices` devices round-robin, in the given order."""
+    groups: list[list[int]] = [[] for _ in range(devices)]
+    for i, expert in enumerate(experts):
+        groups[i % devices].append(expert)
+    return groups
+
+
 def device_assignment(worker: WorkerConfig, layer: int) -> list[list[int]]:
     """Experts of `worker` on `layer`, split over its devices round-robin in listed order."""
-    groups: list[list[int]] = [[] for _ in worker.devices]
-    for i, expert in enumerate(worker.experts_on(layer)):
-        groups[i % len(worker.devices)].append(expert)
-    return groups
+    return spread(worker.experts_on(layer), len(worker.devices))

@@ -21,6 +21,7 @@ from moe_serve.config import ModelConfig, WorkerConfig
 from moe_serve.dtypes import DTYPE_NAMES
 from moe_serve.errors import InvalidRequestError
 from moe_serve.layer.experts import ExpertStack, SmallBatchGraphs, grouped_forward, pair_forward
+from moe_serve.layer.placement import spread
 from moe_serve.weights import ExpertWeights, WeightSource
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,6 @@ class LayerTables:
     stacks: list[ExpertStack | None]  # per device; None: no expert there
     device_of: torch.Tensor  # [E] device index, -1: not served
     slot_of: torch.Tensor  # [E] slot in that device's stack
-
-
-def spread(experts: Sequence[int], devices: int) -> list[list[int]]:
-    """`experts` over `devices` devices round-robin in the given order (what
-    layer.placement.device_assignment does with a worker's config entry)."""
-    groups: list[list[int]] = [[] for _ in range(devices)]
-    for i, expert in enumerate(experts):
-        groups[i % devices].append(expert)
-    return groups
 
 
 class WorkerEngine:
