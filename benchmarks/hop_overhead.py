@@ -70,6 +70,9 @@ class _Answered:
         self.pair_outputs = pair_outputs  # answer one row per pair, as workers then do
         self.tls_failures: list[str | None] = [None] * n
 
+    async def recheck(self, workers: list[int], timeout_s: float) -> None:
+        """In-process workers are never marked down: nothing to ask again."""
+
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:

@@ -91,6 +91,14 @@ DEFAULT_SHARED_MEMORY_BYTES = 128 << 20
 # clients of a process dialling the same address (their regions then compete for one
 # connection's cap, shm.PER_PEER_REGIONS).
 _OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+# Reconnect to a (re)started master within a second: gRPC's default backoff (1 s, x1.6 each
+# try, up to 120 s) kept a master that had been down 40 s out of rotation for 23 s more
+# (benchmarks/chaos.py). As the master's channels to its workers do.
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def _balanced(target: str) -> list[tuple[str, int | str]]:
@@ -580,6 +588,7 @@ class _Core:
         options: list[tuple[str, int | str]] = [
             *message_options(max_message_bytes),
             *_OWN_CONNECTION,
+            *_RECONNECT,
         ]
         return [make(t, self.tls, options + _balanced(t)) for t in self.masters.targets]
 

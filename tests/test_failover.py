@@ -191,6 +191,50 @@ def test_frozen_replica_is_bypassed_within_the_deadline_and_comes_back(tmp_path:
 
 
 @pytest.mark.e2e
+def test_a_last_replica_marked_down_for_one_slow_call_is_asked_again_before_failing(
+    tmp_path: Path,
+) -> None:
+    """w0 dead, w1 the last holder of every expert, frozen 0.6 s: its calls miss
+    worker_timeout_s (0.3 s) and mark it down. Once it answers again, no call fails: a batch
+    about to fail for want of a live replica asks the holders again first, instead of
+    waiting for the next health probe (up to 1 s; before, ~100 calls failed meanwhile)."""
+    config = world(workers=[{"experts": ALL}, {"experts": ALL}], master={"worker_timeout_s": 0.3})
+    parts = ProcessCluster(config, tmp_path)
+    pid = parts.pid("worker w1")
+    outcomes: list[tuple[float, str]] = []
+    stop = False
+
+    def loop() -> None:
+        with MoEClient(parts.cfg.master.listen, timeout=10) as client:
+            while not stop:
+                start = time.monotonic()
+                try:
+                    client.infer(torch.randn(4, 64))
+                    outcomes.append((start, "ok"))
+                except MoEServeError as exc:
+                    outcomes.append((start, str(exc)))
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            loops = [pool.submit(loop) for _ in range(4)]
+            parts.kill("worker w0")
+            time.sleep(2.0)  # the master's probes have found w0 gone: w1 serves alone
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.6)
+            os.kill(pid, signal.SIGCONT)
+            resumed = time.monotonic()
+            time.sleep(2.0)
+            stop = True
+            for f in loops:
+                f.result()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        parts.stop()
+    after = [o for t, o in outcomes if t >= resumed + 0.05]
+    assert len(after) > 20 and [o for o in after if o != "ok"] == [], after[:3]
+
+
+@pytest.mark.e2e
 def test_sigterm_drains_a_worker_under_load_without_failing_a_request(
     replicated: ProcessCluster,
 ) -> None:

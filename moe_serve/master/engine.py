@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # Requests up to this size that come in host memory stay there until their batch moves to
 # master.device in one copy (the engine's _stack), instead of one copy and sync per call.
 HOST_BATCH_BYTES = 1 << 20
+# How long a batch about to fail for want of a live replica waits for its holders to answer
+# a health check once more: a live worker answers in milliseconds.
+RECHECK_S = 0.25
 
 
 class ExpertPool(Protocol):
@@ -55,6 +58,11 @@ class ExpertPool(Protocol):
     healthy: list[bool]  # answered its last health check or call
     outstanding: list[int]  # tokens in calls not yet answered (replicas are balanced on it)
     tls_failures: list[str | None]  # why a worker's TLS handshake fails, if that is why it is down
+
+    async def recheck(self, workers: list[int], timeout_s: float) -> None:
+        """Check `workers` once more now and update `healthy` (before a batch fails for
+        want of a live replica)."""
+        ...
 
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
@@ -509,6 +517,16 @@ class MasterEngine:
             owner = self.owners(layer, x.device, strict=True)
             held = owner.expert.tolist()  # one read back, not one sync per expert
             lost = [e for e in experts if held[e] < 0]
+            if lost:
+                # Every holder is marked down, maybe for one slow call: ask them again
+                # before failing the batch (a dead one refuses at once).
+                holders = sorted({w for e in lost for w in self.placement.holders[layer][e]})
+                left = deadline - loop.time()
+                if left > 0:
+                    await self.pool.recheck(holders, min(left, RECHECK_S))
+                    owner = self.owners(layer, x.device, strict=True)
+                    held = owner.expert.tolist()
+                    lost = [e for e in experts if held[e] < 0]
             if lost:
                 # Every holder of a lost expert is down: they are the workers to bring back.
                 holders = sorted({w for e in lost for w in self.placement.holders[layer][e]})

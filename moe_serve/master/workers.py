@@ -509,6 +509,22 @@ class WorkerPool:
         live = [i for i in range(len(self.workers)) if not self.closed[i]]
         await asyncio.gather(*(check(i) for i in live))
 
+    async def recheck(self, workers: list[int], timeout_s: float) -> None:
+        """Health-check `workers` once more, now, without waiting for a connection: a batch
+        about to fail for want of a live replica first asks its holders again (one marked
+        down for a single slow call may answer at once; a dead one refuses at once)."""
+
+        async def check(i: int) -> None:
+            try:
+                reply = await self._health[i].Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout_s
+                )
+            except grpc.aio.AioRpcError:
+                return  # still down: the probe loop and its diagnosis carry on
+            self._set_health(i, reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        await asyncio.gather(*(check(i) for i in workers if not self.closed[i]))
+
     async def _learn_serves(self, index: int) -> None:
         """Ask worker `index` what it serves now (GetInfo: held plus retiring, per layer):
         after a reload the master routes an expert to a new holder only once it says so.

@@ -98,6 +98,9 @@ class LocalWorkers:
         self.outstanding = [0] * len(engines)  # calls finish before the next one starts
         self.tls_failures: list[str | None] = [None] * len(engines)  # no TLS in-process
 
+    async def recheck(self, workers: list[int], timeout_s: float) -> None:
+        """In-process workers are never marked down: nothing to ask again."""
+
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:

@@ -53,6 +53,9 @@ class WireWorkers:
         self.tls_failures: list[str | None] = [None] * len(self.engines)
         self.nbytes = 0
 
+    async def recheck(self, workers: list[int], timeout_s: float) -> None:
+        """In-process workers are never marked down: nothing to ask again."""
+
     async def forward(
         self, layer: int, x: torch.Tensor, sl: WorkerSlice, timeout_s: float
     ) -> torch.Tensor:
