@@ -150,9 +150,10 @@ class WorkerPool:
         return len(self.workers) - 1
 
     def index(self, worker_id: str) -> int | None:
-        """The index of the live (not closed) worker `worker_id`, None when there is none."""
-        for i, w in enumerate(self.workers):
-            if w.id == worker_id and not self.closed[i]:
+        """The index of the live (not closed) worker `worker_id`, None when there is none
+        (the newest: a worker removed and added back before it was closed has two)."""
+        for i in reversed(range(len(self.workers))):
+            if self.workers[i].id == worker_id and not self.closed[i]:
                 return i
         return None
 
