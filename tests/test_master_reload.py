@@ -8,6 +8,7 @@ world file the test rewrites; `moe-serve reload` (tools/reload.py) and SIGHUP ap
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import signal
 import threading
@@ -236,3 +237,25 @@ def test_the_reload_command_exits_2_naming_the_field_before_asking_anyone(
     path.write_text(yaml.safe_dump(bad))
     assert main(["reload", "--config", str(path)]) == 2
     assert "model.top_k" in capsys.readouterr().err
+
+
+def test_a_worker_removed_and_added_back_before_it_closed_is_found_at_its_new_index() -> None:
+    from moe_serve.config import parse_config
+    from moe_serve.master.reload import serving_placement
+    from moe_serve.master.workers import WorkerPool
+    from moe_serve.metrics import MasterMetrics
+
+    cfg = parse_config(base(w0=list(range(8)), w1=list(range(8))))
+
+    async def main() -> tuple[int | None, tuple[tuple[int, ...], ...]]:
+        pool = WorkerPool(cfg, MasterMetrics())
+        try:
+            pool.add(cfg.workers[1])  # the old index 1 not closed yet
+            return pool.index("w1"), serving_placement(cfg, pool).holders[0]
+        finally:
+            await pool.close()
+
+    index, holders = asyncio.run(main())
+    assert index == 2
+    # Index 1 (leaving) is not configured any more; index 2 serves once it says so.
+    assert all(1 not in h for h in holders)
