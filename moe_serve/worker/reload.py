@@ -20,7 +20,6 @@ retiring ones; when a window ends the layer is rebuilt without them the same way
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -157,8 +156,10 @@ class Reloader:
             await self._serve(served, lambda: open_weights(new.model, new.routing), "reload: ")
         except Exception:
             # Layers rebuilt already serve experts no one is told of: back to the old state.
-            with contextlib.suppress(Exception):
+            try:
                 await self._serve(self._current(), None, None)
+            except Exception:
+                log.exception("worker %s: undoing a failed reload failed too", self.worker_id)
             raise
         # Every layer serves its new experts: from now on the worker reports them, and the
         # grace window of the ones it lost starts.
