@@ -84,7 +84,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated(secured: Cluster, token: st
     assert "bearer token" in err.value.message and TOKEN not in err.value.message
 
 
-@pytest.mark.parametrize("method", ["Forward", "AttachRegion", "GetInfo"])
+@pytest.mark.parametrize("method", ["Forward", "AttachRegion", "GetInfo", "Reload"])
 @pytest.mark.parametrize("token", [None, TOKEN])
 def test_a_client_token_cannot_call_a_worker(
     secured: Cluster, method: str, token: str | None
@@ -93,6 +93,21 @@ def test_a_client_token_cannot_call_a_worker(
         call_worker(secured.cfg.worker("w0").address, method, token)
     assert err.value.code() == UNAUTHENTICATED
     assert "worker token" in err.value.details() and WORKER_TOKEN not in err.value.details()
+
+
+@pytest.mark.parametrize("token", [None, "wrong", WORKER_TOKEN])
+def test_a_reload_of_the_master_without_the_client_token_is_unauthenticated(
+    secured: Cluster, token: str | None
+) -> None:
+    """Reload re-reads only the master's own file, and is guarded like Infer; the master
+    goes on serving."""
+    with grpc.insecure_channel(secured.address) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.MoEMasterStub(channel).Reload(
+            pb.ReloadRequest(), timeout=10, metadata=metadata(token)
+        )
+    assert err.value.code() == UNAUTHENTICATED
+    with MoEClient(secured.address, token=TOKEN) as client:
+        assert client.infer(torch.randn(2, 64)).shape == (2, 64)
 
 
 def test_the_worker_token_opens_the_workers(secured: Cluster) -> None:

@@ -22,13 +22,14 @@ import pytest
 import torch
 import yaml
 
-from moe_serve.client import MoEClient, MoEServeError
+from moe_serve.client import AsyncMoEClient, MoEClient, MoEServeError
 from moe_serve.tools.demo import free_ports
 from moe_serve.tools.reload import reload_servers
 from moe_serve.v1 import moe_pb2 as pb
 from moe_serve.v1 import moe_pb2_grpc as pb_grpc
+from moe_serve.worker.service import WorkerService
 from tests.conftest import world
-from tests.support.cluster import ProcessCluster
+from tests.support.cluster import ProcessCluster, serve_world
 from tests.test_metrics import scrape, total
 
 pytestmark = pytest.mark.e2e
@@ -259,3 +260,32 @@ def test_a_worker_removed_and_added_back_before_it_closed_is_found_at_its_new_in
     assert index == 2
     # Index 1 (leaving) is not configured any more; index 2 serves once it says so.
     assert all(1 not in h for h in holders)
+
+
+class LyingWorker(WorkerService):
+    """A worker whose GetInfo claims layers and experts the model does not have, besides
+    its own."""
+
+    async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> pb.WorkerInfo:
+        info = await super().GetInfo(request, context)
+        info.placement.add(layer=99, experts=[0, 1])
+        info.retiring.add(layer=0, experts=[8, 2**31, 2**32 - 1])
+        return info
+
+
+def test_what_a_worker_says_it_serves_is_bounded_to_the_model() -> None:
+    """The master routes by what workers report (GetInfo): a report naming unknown layers
+    or experts beyond num_experts changes nothing, and the master keeps serving."""
+    config = base(w0=[0, 1, 2, 3], w1=[4, 5, 6, 7])
+
+    async def main() -> tuple[list[dict[int, frozenset[int]]], torch.Size]:
+        async with serve_world(config, LyingWorker) as w:
+            pool = w.master.service.pool
+            await pool.probe()
+            async with AsyncMoEClient(w.cfg.master.listen) as client:
+                y = await client.infer(torch.randn(4, H))
+            return list(pool.serves), y.shape
+
+    serves, shape = asyncio.run(main())
+    assert serves == [{0: frozenset({0, 1, 2, 3})}, {0: frozenset({4, 5, 6, 7})}]
+    assert shape == (4, H)
